@@ -1,0 +1,4 @@
+"""``python -m peftgen`` runs the CLI."""
+from peftgen.cli import main
+
+main()

@@ -1,0 +1,37 @@
+"""The tiny GGUF that tests use in place of SmolLM2 loads through transformers like the real one."""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("gguf")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from gguf_writer import ENDOFTEXT, gpt2_bpe_prefix, tiny_llama, write_tiny_llama_gguf  # noqa: E402
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_model_read_back_equals_the_one_written(tmp_path, tied):
+    tokens, _ = gpt2_bpe_prefix(400)
+    source = tiny_llama(len(tokens), tie_word_embeddings=tied)
+    path = write_tiny_llama_gguf(tmp_path / "tiny.gguf", source)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    assert loaded.config.tie_word_embeddings is tied and loaded.config.num_hidden_layers == 2
+    ids = torch.arange(3, 60)[None]  # (1, T): long enough for the rotary q/k layout to matter
+    with torch.no_grad():
+        assert torch.allclose(source(ids).logits, loaded(ids).logits, atol=1e-5)
+
+
+def test_tokenizer_is_a_cut_down_gpt2(tmp_path, gpt2_tokenizer_dir):
+    path = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert len(tok) == 657 and tok.bos_token == tok.eos_token == ENDOFTEXT and tok.eos_token_id == 656
+    text = " Old Major, the old boar, calls the animals. café"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text and max(ids) < 656
+    # Fewer merges than GPT-2, so more pieces, but the same byte-level alphabet.
+    full = AutoTokenizer.from_pretrained(gpt2_tokenizer_dir)(text)["input_ids"]
+    assert len(full) < len(ids) < len(text.encode())
+    assert tok(f"a{ENDOFTEXT}", add_special_tokens=False)["input_ids"][-1] == 656

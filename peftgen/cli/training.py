@@ -1,0 +1,98 @@
+"""``peftgen train``, ``peftgen eval`` and ``peftgen merge``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import yaml
+
+Opt = typer.Option
+
+
+def train(
+    config: Annotated[Optional[Path], Opt("--config", "-c", help="YAML file of settings; flags you type override it.")] = None,
+    model: Annotated[Optional[str], Opt(help="Hub id, local model folder or .gguf file. [default: gpt2]")] = None,
+    mode: Annotated[Optional[str], Opt(help="full, lora or 8bit (LLM.int8 + LoRA). [default: lora]")] = None,
+    train_file: Annotated[Optional[Path], Opt(help="Training text, one example per non-blank line.")] = None,
+    valid_file: Annotated[Optional[Path], Opt(help="Validation text, evaluated every --eval-steps and at the end.")] = None,
+    output_dir: Annotated[Optional[Path], Opt(help="Run folder for checkpoints, model/adapter, config, curves. [default: runs/peftgen]")] = None,
+    epochs: Annotated[Optional[float], Opt(help="Passes over the training data. [default: 5]")] = None,
+    batch_size: Annotated[Optional[int], Opt(help="Examples per device per step. [default: 2]")] = None,
+    grad_accum: Annotated[Optional[int], Opt(help="Steps to accumulate before each optimizer update. [default: 1]")] = None,
+    lr: Annotated[Optional[float], Opt(help="Peak learning rate. [default: 5e-5 full, 2e-4 lora/8bit]")] = None,
+    max_steps: Annotated[Optional[int], Opt(help="Stop after this many updates; overrides --epochs when > 0.")] = None,
+    max_length: Annotated[Optional[int], Opt(help="Tokens per example, markers included; longer lines are cut. [default: 512]")] = None,
+    eval_steps: Annotated[Optional[int], Opt(help="Evaluate on --valid-file every N updates. [default: 500]")] = None,
+    save_steps: Annotated[Optional[int], Opt(help="Write a checkpoint every N updates. [default: 500]")] = None,
+    seed: Annotated[Optional[int], Opt(help="Seed for initialisation, shuffling and dropout. [default: 42]")] = None,
+    precision: Annotated[Optional[str], Opt(help="auto, fp32, bf16 or fp16; auto picks bf16 where it is fast. [default: auto]")] = None,
+    lora_r: Annotated[Optional[int], Opt(help="LoRA rank. [default: 8]")] = None,
+    lora_alpha: Annotated[Optional[int], Opt(help="LoRA scaling numerator (scale = alpha / r). [default: 16]")] = None,
+    lora_dropout: Annotated[Optional[float], Opt(help="Dropout on the LoRA path. [default: 0.05]")] = None,
+    target_modules: Annotated[Optional[str], Opt(help="Comma-separated module names for LoRA. [default: per architecture]")] = None,
+    resume: Annotated[Optional[bool], Opt("--resume", help="Continue from the last checkpoint in --output-dir.")] = None,
+    overwrite: Annotated[Optional[bool], Opt("--overwrite", help="Replace a run already in --output-dir.")] = None,
+) -> None:
+    """Fine-tune a causal LM on line-by-line text, adding <BOS>/<EOS>/<PAD> as trainable tokens."""
+    flags = {k: v for k, v in locals().items() if k != "config"}  # first line: locals() are the flags
+    from peftgen import config as config_lib, train as train_lib
+
+    flags = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}
+    settings = config_lib.resolve(config, flags)
+    typer.echo("peftgen train, resolved config:")
+    typer.echo(yaml.safe_dump(settings.to_dict(), sort_keys=False).rstrip())
+    result = train_lib.train(settings)
+    typer.echo("")
+    typer.echo(f"Run folder:        {result.output_dir}")
+    typer.echo(f"Trainable params:  {result.trainable_params:,} of {result.total_params:,}")
+    typer.echo(f"Precision:         {result.precision}")
+    if "eval_loss" in result.metrics:
+        typer.echo(f"Validation loss:   {result.metrics['eval_loss']:.4f} (perplexity {result.metrics['eval_perplexity']:.2f})")
+    if result.loss_plot:
+        typer.echo(f"Loss curves:       {result.loss_plot}")
+
+
+def evaluate(
+    model: Annotated[str, Opt(help="Run folder, model folder, .gguf file or Hub id.")],
+    file: Annotated[Path, Opt(help="Text to score, one example per line (e.g. test.txt).")],
+    batch_size: Annotated[int, Opt(help="Examples per forward pass.")] = 4,
+    max_length: Annotated[Optional[int], Opt(help="Tokens per example. [default: the run's --max-length, else the model's context]")] = None,
+    precision: Annotated[str, Opt(help="fp32, bf16 or auto. fp32 gives the reference numbers.")] = "fp32",
+    json_output: Annotated[bool, Opt("--json", help="Print {loss, perplexity, tokens} as JSON.")] = False,
+) -> None:
+    """Token-weighted loss and perplexity of a model on a text file."""
+    from peftgen import evaluate as evaluate_lib, model as model_lib, precision as precision_lib
+    from peftgen.config import TrainConfig
+
+    if batch_size < 1:
+        raise typer.BadParameter(f"must be at least 1, got {batch_size}", param_hint="--batch-size")
+    resolved = precision_lib.resolve(precision)
+    run = model_lib.run_folder(Path(model)) if Path(model).is_dir() else None
+    special = None
+    if run is not None:
+        max_length = max_length or model_lib.read_run_config(run)["max_length"]
+    else:
+        defaults = TrainConfig()
+        special = (defaults.bos_token, defaults.eos_token, defaults.pad_token)
+        if not json_output:
+            typer.echo(f"note: {model} is not a peftgen run; scoring it with {'/'.join(special)} as its bos/eos/pad (added untrained where missing).", err=True)
+    loaded, tokenizer = model_lib.load(model, special_tokens=special)
+    result = evaluate_lib.evaluate(loaded, tokenizer, file, batch_size=batch_size, max_length=max_length, precision=resolved, progress=not json_output)
+    if json_output:
+        typer.echo(json.dumps(result.to_dict()))
+    else:
+        typer.echo(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  tokens {result.tokens:,}")
+
+
+def merge(
+    run: Annotated[Path, typer.Argument(help="A lora or 8bit run folder from 'peftgen train'.")],
+    output: Annotated[Path, Opt("--output", "-o", help="Folder for the merged Hugging Face model.")],
+    overwrite: Annotated[bool, Opt("--overwrite", help="Replace --output if it exists.")] = False,
+) -> None:
+    """Merge a run's adapter into its base model and save a plain Hugging Face folder."""
+    from peftgen import merge as merge_lib
+
+    folder = merge_lib.merge(run, output, overwrite=overwrite)
+    typer.echo(f"Merged model written to {folder} (loads with AutoModelForCausalLM, no peft needed).")

@@ -1,0 +1,321 @@
+"""Loading models: Hub ids, local folders, GGUF files and peftgen runs of any mode.
+
+    model, tokenizer = peftgen.model.load("runs/lora")      # ready for inference
+
+Training uses ``prepare_for_training``: base model, the new special tokens,
+then full / LoRA / 8-bit wrapping with only the new embedding rows trainable.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import yaml
+
+from peftgen.errors import PeftgenError
+
+RUN_CONFIG = "peftgen.yaml"  # marks a folder as a peftgen run
+MIN_BITSANDBYTES = (0, 47)
+
+# LoRA targets per architecture when --target-modules is not given: every
+# projection in attention and MLP. Unlisted architectures get PEFT's
+# "all-linear" (every linear layer but the output head).
+TARGET_MODULES = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+# bitsandbytes logs this on every 8-bit matmul whose inputs are not fp16.
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+    lambda record: "inputs will be cast" not in record.getMessage()
+)
+
+
+# ---------------------------------------------------------------- sources
+
+
+def is_run(path: str | Path) -> bool:
+    return (Path(path) / RUN_CONFIG).is_file()
+
+
+def read_run_config(path: str | Path) -> dict:
+    return yaml.safe_load((Path(path) / RUN_CONFIG).read_text(encoding="utf-8"))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers at all; cheap, so offline machines fail fast."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PEFTGEN_CACHE", Path.home() / ".cache" / "peftgen"))
+
+
+def gguf_folder(path: Path) -> Path:
+    """A Hugging Face folder holding the dequantised GGUF model, made once and cached.
+
+    transformers dequantises a GGUF file on every load (about 14 s for a 135M
+    model on 2 cores); the cached safetensors load in well under a second.
+    The cache key covers the file's name, size and modification time.
+    """
+    if importlib.util.find_spec("gguf") is None:
+        raise PeftgenError(f"Loading {path.name} needs the gguf package: pip install 'peftgen[gguf]' (or pip install gguf).")
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"Dequantising {path.name} (once; cached in {folder})...", flush=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (OSError, ValueError, KeyError) as error:
+        raise PeftgenError(f"Could not load the GGUF file {path}: {error}") from None
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(folder)
+    return folder
+
+
+def resolve_source(source: str) -> tuple[str, dict]:
+    """Map --model to something from_pretrained loads, plus the keyword arguments it needs."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise PeftgenError(f"--model {source} is a file but not a .gguf file. Pass a model folder, a .gguf file or a Hub id.")
+        return str(gguf_folder(path)), {}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PeftgenError(
+                f"--model {source} is a folder without config.json: neither a Hugging Face model "
+                "(saved with save_pretrained) nor a peftgen run (with peftgen.yaml)."
+            )
+        return str(path), {}
+    if source.endswith(".gguf") or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise PeftgenError(f"Model not found: {source} does not exist. Check the path.")
+    return _resolve_hub_id(source)
+
+
+def _resolve_hub_id(source: str) -> tuple[str, dict]:
+    from transformers import AutoConfig
+
+    try:  # already in the local Hugging Face cache: no network needed
+        AutoConfig.from_pretrained(source, local_files_only=True)
+        return source, {"local_files_only": True}
+    except (OSError, ValueError):
+        pass
+    if not _hub_reachable():
+        raise PeftgenError(
+            f"Model '{source}' is not a local folder or file and is not in the Hugging Face cache, "
+            "and the Hugging Face Hub cannot be reached from this machine (offline). "
+            "Pass a local model folder (config.json + weights, e.g. saved with save_pretrained), "
+            "a .gguf file, or a peftgen run folder to --model."
+        )
+    try:
+        AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise PeftgenError(
+            f"Model '{source}' was not found on the Hugging Face Hub ({str(error).splitlines()[0]}). "
+            "Check the id (e.g. openai-community/gpt2) or pass a local folder."
+        ) from None
+    return source, {}
+
+
+def _require_bitsandbytes() -> None:
+    try:
+        version = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        raise PeftgenError("--mode 8bit needs bitsandbytes>=0.47: pip install bitsandbytes") from None
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if parts < MIN_BITSANDBYTES:
+        raise PeftgenError(f"--mode 8bit needs bitsandbytes>=0.47, found {version}: pip install -U bitsandbytes")
+
+
+def load_pretrained(source: str, *, quantize_8bit: bool = False):
+    """A base model (float32 weights, or LLM.int8 when quantize_8bit) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    location, kwargs = resolve_source(source)
+    if quantize_8bit:
+        _require_bitsandbytes()
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        if torch.cuda.is_available():  # int8 weights are made on the device that runs them
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **{k: v for k, v in kwargs.items() if k == "local_files_only"})
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError) as error:
+        raise PeftgenError(f"Could not load model {source}: {str(error).splitlines()[0]}") from None
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------- special tokens
+
+
+def add_special_tokens(model, tokenizer, bos: str, eos: str, pad: str) -> list[int]:
+    """Make bos/eos/pad the tokenizer's and model's, resizing embeddings; returns the new ids.
+
+    New rows start at the mean of the existing embeddings plus small noise
+    (transformers' mean_resizing), so an untrained new token is an average
+    token rather than an outlier with huge logits.
+    """
+    before = len(tokenizer)
+    tokenizer.add_special_tokens({"bos_token": bos, "eos_token": eos, "pad_token": pad})
+    new_ids = list(range(before, len(tokenizer)))
+    if model.get_input_embeddings().weight.shape[0] != len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    set_token_ids(model, tokenizer)
+    return new_ids
+
+
+def set_token_ids(model, tokenizer) -> None:
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is not None:
+            config.bos_token_id = tokenizer.bos_token_id
+            config.eos_token_id = tokenizer.eos_token_id
+            config.pad_token_id = tokenizer.pad_token_id
+
+
+def embedding_names(model) -> tuple[str, str | None, bool]:
+    """Module names of the input and output embeddings, and whether their weights are tied."""
+    names = {id(module): name for name, module in model.named_modules()}
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = outputs is not None and outputs.weight.data_ptr() == inputs.weight.data_ptr()
+    return names[id(inputs)], (names[id(outputs)] if outputs is not None else None), tied
+
+
+def _has_conv1d(model, targets) -> bool:
+    """GPT-2 keeps its weights as Conv1D (in, out); LoRA must then be told fan_in_fan_out."""
+    from transformers.pytorch_utils import Conv1D
+
+    wanted = set(targets) if isinstance(targets, list) else None
+    return any(
+        isinstance(module, Conv1D) and (wanted is None or name.rsplit(".", 1)[-1] in wanted)
+        for name, module in model.named_modules()
+    )
+
+
+# ---------------------------------------------------------------- training
+
+
+def prepare_for_training(config):
+    """Base model + special tokens, wrapped for config.mode. Returns (model, tokenizer, new_ids).
+
+    full: every weight trains, the new rows included.
+    lora / 8bit: LoRA on the attention and MLP projections, and PEFT's
+    trainable_token_indices on the new token ids only, so every pre-existing
+    embedding row stays bit-identical. With tied input/output embeddings
+    (GPT-2) PEFT trains one set of new rows used by both; with untied ones
+    (most Llamas) the output head's new rows train as well, or the model
+    could never learn to predict <EOS>.
+    """
+    model, tokenizer = load_pretrained(config.model, quantize_8bit=config.mode == "8bit")
+    new_ids = add_special_tokens(model, tokenizer, config.bos_token, config.eos_token, config.pad_token)
+    if config.mode == "full":
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        return model, tokenizer, new_ids
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if config.mode == "8bit":
+        # Casts the remaining float weights to fp32 and freezes the int8 ones.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    targets = config.target_modules or TARGET_MODULES.get(model.config.model_type, "all-linear")
+    in_name, out_name, tied = embedding_names(model)
+    token_indices = None
+    if new_ids:
+        token_indices = new_ids if tied or out_name is None else {in_name: new_ids, out_name: new_ids}
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        fan_in_fan_out=_has_conv1d(model, targets),
+        trainable_token_indices=token_indices,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora), tokenizer, new_ids
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# ---------------------------------------------------------------- inference
+
+
+def run_folder(path: Path) -> Path | None:
+    """The run a folder belongs to: itself, or its parent for a checkpoint-N folder."""
+    if is_run(path):
+        return path
+    if path.name.startswith("checkpoint-") and is_run(path.parent):
+        return path.parent
+    return None
+
+
+def load(source: str | Path, special_tokens: tuple[str, str, str] | None = None, *, merge: bool = True):
+    """Model and tokenizer ready for inference, from any source peftgen accepts.
+
+    source: a Hub id, a model folder, a .gguf file, a peftgen run folder (full,
+    lora or 8bit) or one of its checkpoint-N folders. A run's adapter is applied
+    to its base model resized to the run's tokenizer; LoRA runs are merged into
+    the weights (merge=False keeps the PeftModel). special_tokens=(bos, eos,
+    pad) adds those tokens to a plain model, untrained: the baseline a trained
+    run is compared against.
+    """
+    path = Path(str(source)).expanduser()
+    run = run_folder(path) if path.is_dir() else None
+    if run is None:
+        model, tokenizer = load_pretrained(str(source))
+        if special_tokens:
+            add_special_tokens(model, tokenizer, *special_tokens)
+        return model.eval(), tokenizer
+
+    settings = read_run_config(run)
+    if settings["mode"] == "full":
+        model, tokenizer = load_pretrained(str(path))
+    else:
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        if not (path / "adapter_config.json").is_file():
+            raise PeftgenError(f"{path} is a {settings['mode']} run without adapter_config.json: training did not finish. Use one of its checkpoint-N folders or --resume it.")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        base, _ = load_pretrained(settings["model"], quantize_8bit=settings["mode"] == "8bit")
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        model = PeftModel.from_pretrained(base, path)
+        if merge and settings["mode"] == "lora":
+            model = model.merge_and_unload()
+    set_token_ids(model, tokenizer)
+    return model.eval(), tokenizer

@@ -68,13 +68,17 @@ def _permute(weights: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_tiny_llama_gguf(path, model=None, *, n_merges: int = 400, tie_word_embeddings: bool = False,
-                          name: str = "tiny-llama") -> Path:
+                          quantization: str = "F32", name: str = "tiny-llama") -> Path:
     """Write ``model`` (default: a fresh ``tiny_llama``) with the cut GPT-2 tokenizer to ``path``.
 
     The model's vocabulary must have ``256 + n_merges + 1`` rows; the default
-    model is built to fit. Returns ``path``.
+    model is built to fit. ``quantization`` "Q8_0" or "Q4_1" stores every
+    weight matrix in those blocks (norms stay F32), as the real SmolLM2 file
+    does; transformers then loads through its GGUF quantizer, which an F32 file
+    skips. Returns ``path``.
     """
     import gguf
+    from gguf.quants import quantize
 
     tokens, merges = gpt2_bpe_prefix(n_merges)
     if model is None:
@@ -85,10 +89,14 @@ def write_tiny_llama_gguf(path, model=None, *, n_merges: int = 400, tie_word_emb
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     eot = len(tokens) - 1
 
+    qtype = gguf.GGMLQuantizationType[quantization]
+    file_type = {"F32": gguf.LlamaFileType.ALL_F32, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                 "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[quantization]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(name)
+    w.add_file_type(file_type)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
@@ -99,7 +107,6 @@ def write_tiny_llama_gguf(path, model=None, *, n_merges: int = 400, tie_word_emb
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"] if getattr(cfg, "rope_parameters", None) else cfg.rope_theta)
     w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt2")
     w.add_token_list(tokens)
@@ -110,21 +117,28 @@ def write_tiny_llama_gguf(path, model=None, *, n_merges: int = 400, tie_word_emb
     w.add_add_bos_token(False)
 
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    w.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+
+    def add(name: str, weights: np.ndarray) -> None:
+        if weights.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, quantize(weights, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, weights)
+
+    add("token_embd.weight", state["model.embed_tokens.weight"])
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        w.add_tensor(f"blk.{i}.attn_norm.weight", state[p + "input_layernorm.weight"])
-        w.add_tensor(f"blk.{i}.attn_q.weight", _permute(state[p + "self_attn.q_proj.weight"], cfg.num_attention_heads))
-        w.add_tensor(f"blk.{i}.attn_k.weight", _permute(state[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads))
-        w.add_tensor(f"blk.{i}.attn_v.weight", state[p + "self_attn.v_proj.weight"])
-        w.add_tensor(f"blk.{i}.attn_output.weight", state[p + "self_attn.o_proj.weight"])
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", state[p + "post_attention_layernorm.weight"])
-        w.add_tensor(f"blk.{i}.ffn_gate.weight", state[p + "mlp.gate_proj.weight"])
-        w.add_tensor(f"blk.{i}.ffn_up.weight", state[p + "mlp.up_proj.weight"])
-        w.add_tensor(f"blk.{i}.ffn_down.weight", state[p + "mlp.down_proj.weight"])
-    w.add_tensor("output_norm.weight", state["model.norm.weight"])
+        add(f"blk.{i}.attn_norm.weight", state[p + "input_layernorm.weight"])
+        add(f"blk.{i}.attn_q.weight", _permute(state[p + "self_attn.q_proj.weight"], cfg.num_attention_heads))
+        add(f"blk.{i}.attn_k.weight", _permute(state[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads))
+        add(f"blk.{i}.attn_v.weight", state[p + "self_attn.v_proj.weight"])
+        add(f"blk.{i}.attn_output.weight", state[p + "self_attn.o_proj.weight"])
+        add(f"blk.{i}.ffn_norm.weight", state[p + "post_attention_layernorm.weight"])
+        add(f"blk.{i}.ffn_gate.weight", state[p + "mlp.gate_proj.weight"])
+        add(f"blk.{i}.ffn_up.weight", state[p + "mlp.up_proj.weight"])
+        add(f"blk.{i}.ffn_down.weight", state[p + "mlp.down_proj.weight"])
+    add("output_norm.weight", state["model.norm.weight"])
     if not cfg.tie_word_embeddings:  # no output.weight tells the loader the embeddings are tied
-        w.add_tensor("output.weight", state["lm_head.weight"])
+        add("output.weight", state["lm_head.weight"])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

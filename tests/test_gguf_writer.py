@@ -35,3 +35,19 @@ def test_tokenizer_is_a_cut_down_gpt2(tmp_path, gpt2_tokenizer_dir):
     full = AutoTokenizer.from_pretrained(gpt2_tokenizer_dir)(text)["input_ids"]
     assert len(full) < len(ids) < len(text.encode())
     assert tok(f"a{ENDOFTEXT}", add_special_tokens=False)["input_ids"][-1] == 656
+
+
+def test_quantized_file_loads_through_the_gguf_quantizer(tmp_path):
+    # Like the real SmolLM2 file (Q8_0/Q4_1 blocks), unlike an F32 one, this goes through
+    # transformers' GgufHfQuantizer: weights come back dequantised, close to the originals.
+    tokens, _ = gpt2_bpe_prefix(400)
+    source = tiny_llama(len(tokens))
+    path = write_tiny_llama_gguf(tmp_path / "q8.gguf", source, quantization="Q8_0")
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    assert getattr(loaded, "hf_quantizer", None) is not None
+    assert isinstance(loaded.model.layers[0].mlp.up_proj, torch.nn.Linear)
+    ids = torch.arange(3, 60)[None]
+    with torch.no_grad():
+        expected, got = source(ids).logits, loaded(ids).logits
+    error = (expected - got).abs().max() / expected.abs().max()
+    assert 0 < error < 0.02  # Q8_0 is lossy, but only just

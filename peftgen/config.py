@@ -118,10 +118,11 @@ def _check_type(key: str, value: Any, hint, where: str) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, list):
             return [_check_type(key, v, args[0], where) for v in value]
-    elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    elif isinstance(value, bool):  # a bool is an int to Python, never to a user
+        if hint is bool:
+            return value
+    elif hint is float and isinstance(value, (int, float)):
         return float(value)
-    elif hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
     elif isinstance(value, hint):
         return value
     raise PeftgenError(

@@ -55,3 +55,57 @@ def tiny_llama(tmp_path_factory) -> Path:
         tie_word_embeddings=False, bos_token_id=50256, eos_token_id=50256,
     )
     return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), config)
+
+
+SENTENCES = [
+    "The old boar calls the animals of the farm to a meeting in the barn.",
+    "Two young pigs take command and turn his dream into a philosophy.",
+    "A boy finds a map and sails with pirates to an island of treasure.",
+    "<BOS> The detective reads the letter twice and then burns it. <EOS>",
+    "A family of rabbits leaves the warren before the fields are destroyed.",
+    "The captain hunts the white whale across three oceans.",
+    "<BOS> Years later the sisters meet again in the house by the sea. <EOS>",
+    "The king divides his land between the daughters who flatter him.",
+]
+
+
+@pytest.fixture(scope="session")
+def text_files(tmp_path_factory) -> dict[str, Path]:
+    """train.txt (16 lines, some already wrapped in markers), valid.txt and test.txt (4 lines each)."""
+    folder = tmp_path_factory.mktemp("text")
+    files = {
+        "train": folder / "train.txt",
+        "valid": folder / "valid.txt",
+        "test": folder / "test.txt",
+    }
+    files["train"].write_text("\n".join(SENTENCES * 2) + "\n", encoding="utf-8")
+    files["valid"].write_text("\n".join(SENTENCES[:4]) + "\n\n", encoding="utf-8")
+    files["test"].write_text("\n".join(SENTENCES[4:]) + "\n", encoding="utf-8")
+    return files
+
+
+@pytest.fixture(scope="session")
+def make_run(tmp_path_factory, text_files):
+    """Train (once per distinct settings) a short run and return its folder.
+
+    make_run("lora", base_folder, max_steps=6) -> Path of a finished run.
+    """
+    from peftgen import config as config_lib, train as train_lib
+
+    done: dict[tuple, Path] = {}
+
+    def run(mode: str, base: Path, **overrides) -> Path:
+        key = (mode, str(base), tuple(sorted(overrides.items())))
+        if key not in done:
+            settings = dict(
+                model=str(base), mode=mode, train_file=str(text_files["train"]),
+                valid_file=str(text_files["valid"]), output_dir=str(tmp_path_factory.mktemp(f"run-{mode}")),
+                max_steps=6, eval_steps=3, save_steps=3, logging_steps=1, batch_size=4,
+                lr=1e-2, lora_r=4, lora_alpha=8, lora_dropout=0.0, precision="fp32", overwrite=True,
+            )
+            settings.update(overrides)
+            train_lib.train(config_lib.resolve(None, settings), progress=False)
+            done[key] = Path(settings["output_dir"])
+        return done[key]
+
+    return run

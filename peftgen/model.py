@@ -35,9 +35,13 @@ TARGET_MODULES = {
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
 
-# bitsandbytes logs this on every 8-bit matmul whose inputs are not fp16.
+# bitsandbytes logs the first on every 8-bit matmul whose inputs are not fp16,
+# and the second at import on CPUs with AVX512-BF16 (it concerns 4-bit only).
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(
     lambda record: "inputs will be cast" not in record.getMessage()
+)
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "gemm_4bit_forward" not in record.getMessage()
 )
 
 
@@ -90,6 +94,11 @@ def gguf_folder(path: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError, KeyError) as error:
         raise PeftgenError(f"Could not load the GGUF file {path}: {error}") from None
+    # The weights are plain float32 once loaded; only transformers' GGUF
+    # marker on the model forbids saving them, so drop the marker.
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)

@@ -46,5 +46,18 @@ app.command("decoders")(generating.decoders)
 app.command("prepare")(preparing.prepare)
 
 
+@app.callback()
+def _quiet_libraries() -> None:
+    """Keep the terminal for peftgen's own progress bars and results."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    import peftgen.model  # noqa: F401  installs its log filters before bitsandbytes loads
+
+    hf_logging.disable_progress_bar()  # per-file weight loading bars
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def main() -> None:
     app()

@@ -1,0 +1,71 @@
+"""The train, eval and merge commands as a user types them."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from peftgen.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_train_then_eval_then_merge(tiny_gpt2, text_files, tmp_path):
+    run = tmp_path / "run"
+    result = invoke("train", "--model", tiny_gpt2, "--train-file", text_files["train"], "--valid-file",
+                    text_files["valid"], "--output-dir", run, "--max-steps", 2, "--eval-steps", 2,
+                    "--batch-size", 4, "--precision", "fp32", "--lr", 1e-3)
+    assert result.exit_code == 0, result.output
+    assert "resolved config" in result.output and "lr: 0.001" in result.output
+    assert "Validation loss:" in result.output and (run / "loss.png").is_file()
+
+    result = invoke("eval", "--model", run, "--file", text_files["test"], "--json")
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)
+    assert set(scores) == {"loss", "perplexity", "tokens"} and scores["tokens"] > 0
+
+    result = invoke("merge", run, "--output", tmp_path / "merged")
+    assert result.exit_code == 0 and (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_yaml_config_with_flag_override(tiny_gpt2, text_files, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {tiny_gpt2}\ntrain_file: {text_files['train']}\nmax_steps: 1\nlora_r: 2\n"
+                      f"output_dir: {tmp_path / 'run'}\nprecision: fp32\n")
+    result = invoke("train", "-c", config, "--lora-r", 3)
+    assert result.exit_code == 0, result.output
+    assert "lora_r: 3" in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--train-file", "{tmp}/missing.txt"], "Error: The training file {tmp}/missing.txt does not exist. Check the path."),
+    (["--train-file", "{train}", "--mode", "qlora"], "Error: Unknown mode 'qlora'. Choose one of: full, lora, 8bit."),
+    (["--train-file", "{empty}"], "Error: The training file {empty} is empty. It needs one example per line."),
+    (["-c", "{bad}"], "is not valid YAML"),
+    (["--train-file", "{train}", "--model", "{tmp}/no-such-model"], "Error: Model not found: {tmp}/no-such-model does not exist. Check the path."),
+])
+def test_bad_input_is_one_error_line_and_exit_1(args, message, text_files, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "bad.yaml").write_text("lr: [1,\n")
+    fill = dict(tmp=tmp_path, train=text_files["train"], empty=tmp_path / "empty.txt", bad=tmp_path / "bad.yaml")
+    result = invoke("train", "--output-dir", tmp_path / "out", *[a.format(**fill) for a in args])
+    assert result.exit_code == 1
+    assert message.format(**fill) in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()  # nothing created on bad input
+
+
+def test_eval_of_a_missing_file_is_a_clear_error(tiny_gpt2, tmp_path):
+    result = invoke("eval", "--model", tiny_gpt2, "--file", tmp_path / "test.txt", "--json")
+    assert result.exit_code == 1
+    assert f"Error: The evaluation file {tmp_path / 'test.txt'} does not exist." in result.output
+
+
+def test_help_lists_the_commands_and_flags():
+    result = invoke("--help")
+    assert result.exit_code == 0 and all(c in result.output for c in ("train", "eval", "merge"))
+    result = invoke("train", "--help")
+    assert result.exit_code == 0 and "--lora-alpha" in result.output and "--resume" in result.output

@@ -1,0 +1,44 @@
+"""Perplexity: token-weighted over every label token, padding excluded."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peftgen import data, evaluate as evaluate_lib, model as model_lib
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_gpt2):
+    return model_lib.load(tiny_gpt2, special_tokens=("<BOS>", "<EOS>", "<PAD>"))
+
+
+def per_example_sums(model, tokenizer, file):
+    """(sum of cross-entropy, label count) for each line, one line at a time: no padding anywhere."""
+    out = []
+    for ids in data.load_examples(file, tokenizer, 1024):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            logits = model(x).logits[0, :-1]
+        out.append((F.cross_entropy(logits, x[0, 1:], reduction="sum").item(), len(ids) - 1))
+    return out
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_loss_is_token_weighted_and_independent_of_batching(loaded, text_files, batch_size):
+    model, tokenizer = loaded
+    sums = per_example_sums(model, tokenizer, text_files["train"])
+    expected = sum(s for s, _ in sums) / sum(n for _, n in sums)
+    result = evaluate_lib.evaluate(model, tokenizer, text_files["train"], batch_size=batch_size, progress=False)
+    assert result.tokens == sum(n for _, n in sums)
+    assert result.loss == pytest.approx(expected, rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(expected), rel=1e-5)
+
+
+def test_mean_of_batch_means_would_differ(loaded, text_files):
+    """Why peftgen does not report Trainer's eval_loss as the perplexity."""
+    model, tokenizer = loaded
+    sums = per_example_sums(model, tokenizer, text_files["train"])
+    token_weighted = sum(s for s, _ in sums) / sum(n for _, n in sums)
+    mean_of_means = sum(s / n for s, n in sums) / len(sums)
+    assert abs(token_weighted - mean_of_means) > 1e-4

@@ -1,0 +1,60 @@
+"""peftgen merge: a plain Hugging Face folder whose logits match the unmerged run's."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from peftgen import merge as merge_lib, model as model_lib
+from peftgen.errors import PeftgenError
+
+IDS = torch.tensor([[50257, 464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 50258]])
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.mark.parametrize("mode,atol", [("lora", 1e-5), ("8bit", 2e-2)])
+def test_merged_folder_loads_without_peft_and_matches_the_run(mode, atol, tiny_gpt2, make_run, tmp_path):
+    if mode == "8bit":
+        pytest.importorskip("bitsandbytes")
+    run = make_run(mode, tiny_gpt2)
+    out = merge_lib.merge(run, tmp_path / "merged")
+    assert not (out / "adapter_config.json").exists()
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert type(plain).__name__ == "GPT2LMHeadModel"
+    assert getattr(plain.config, "quantization_config", None) is None
+    assert AutoTokenizer.from_pretrained(out).eos_token == "<EOS>"
+    unmerged, _ = model_lib.load(run, merge=False)
+    expected = logits(unmerged)
+    # 8-bit: the unmerged run multiplies int8 weights by fp16-cast activations;
+    # the merged folder holds the same dequantised weights in float32.
+    assert torch.allclose(logits(plain), expected, atol=atol)
+    assert logits(plain).argmax(-1).tolist() == expected.argmax(-1).tolist()
+
+
+def test_8bit_merge_restores_gpt2_conv1d_layout(tiny_gpt2, make_run, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers.pytorch_utils import Conv1D
+
+    plain = AutoModelForCausalLM.from_pretrained(merge_lib.merge(make_run("8bit", tiny_gpt2), tmp_path / "m"))
+    assert isinstance(plain.transformer.h[0].attn.c_proj, Conv1D)
+    assert plain.transformer.h[0].attn.c_attn.weight.shape == (64, 192)  # (in, out)
+
+
+def test_llama_lora_merges(tiny_llama, make_run, tmp_path):
+    run = make_run("lora", tiny_llama)
+    plain = AutoModelForCausalLM.from_pretrained(merge_lib.merge(run, tmp_path / "m"))
+    assert torch.allclose(logits(plain), logits(model_lib.load(run, merge=False)[0]), atol=1e-5)
+
+
+def test_merge_refuses_to_overwrite_and_to_merge_a_full_run(tiny_gpt2, make_run, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(PeftgenError, match="already exists and is not empty. Pass --overwrite"):
+        merge_lib.merge(make_run("lora", tiny_gpt2), tmp_path / "taken")
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    with pytest.raises(PeftgenError, match="is a full fine-tuning run"):
+        merge_lib.merge(make_run("full", tiny_gpt2), tmp_path / "m")
+    with pytest.raises(PeftgenError, match="is not a peftgen run folder"):
+        merge_lib.merge(tiny_gpt2, tmp_path / "m")

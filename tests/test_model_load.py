@@ -1,0 +1,110 @@
+"""peftgen.model.load takes a Hub id, a folder, a GGUF file or a run of any mode."""
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from peftgen import model as model_lib
+from peftgen.errors import PeftgenError
+
+IDS = torch.tensor([[50257, 464, 2068, 7586, 21831, 50258]])  # <BOS> The quick brown fox <EOS>
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("mode", ["lora", "8bit", "full"])
+def test_a_run_of_every_mode_loads_ready_for_inference(mode, tiny_gpt2, make_run):
+    pytest.importorskip("bitsandbytes") if mode == "8bit" else None
+    model, tokenizer = model_lib.load(make_run(mode, tiny_gpt2))
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<BOS>", "<EOS>", "<PAD>")
+    assert model.config.eos_token_id == tokenizer.eos_token_id == 50258
+    assert not model.training
+    assert logits(model).shape == (1, 6, 50260)  # resized: no size mismatch
+
+
+def test_merged_and_unmerged_lora_runs_agree(tiny_gpt2, make_run):
+    run = make_run("lora", tiny_gpt2)
+    merged, _ = model_lib.load(run)
+    unmerged, _ = model_lib.load(run, merge=False)
+    assert type(unmerged).__name__ == "PeftModelForCausalLM" and type(merged).__name__ == "GPT2LMHeadModel"
+    assert torch.allclose(logits(merged), logits(unmerged), atol=1e-5)
+
+
+def test_a_checkpoint_folder_of_a_run_loads(tiny_gpt2, make_run):
+    run = make_run("lora", tiny_gpt2)
+    model, tokenizer = model_lib.load(run / "checkpoint-3")
+    assert len(tokenizer) == 50260 and logits(model).shape[-1] == 50260
+
+
+def test_a_llama_run_loads(tiny_llama, make_run):
+    model, _ = model_lib.load(make_run("lora", tiny_llama))
+    assert type(model).__name__ == "LlamaForCausalLM" and logits(model).shape == (1, 6, 50260)
+
+
+def test_a_plain_folder_loads_and_can_get_the_special_tokens_untrained(tiny_gpt2):
+    model, tokenizer = model_lib.load(tiny_gpt2)
+    assert len(tokenizer) == 50257
+    model, tokenizer = model_lib.load(tiny_gpt2, special_tokens=("<BOS>", "<EOS>", "<PAD>"))
+    assert tokenizer.convert_tokens_to_ids(["<BOS>", "<EOS>", "<PAD>"]) == [50257, 50258, 50259]
+    assert logits(model).shape[-1] == 50260
+
+
+def test_a_gguf_file_loads_through_transformers_and_is_cached(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    from gguf_writer import tiny_llama, gpt2_bpe_prefix, write_tiny_llama_gguf
+
+    monkeypatch.setenv("PEFTGEN_CACHE", str(tmp_path / "cache"))
+    tokens, _ = gpt2_bpe_prefix(400)
+    source = tiny_llama(len(tokens))
+    path = write_tiny_llama_gguf(tmp_path / "tiny.gguf", source)
+    model, tokenizer = model_lib.load(str(path))
+    ids = torch.arange(3, 40)[None]
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert torch.allclose(logits(model, ids), logits(source, ids), atol=1e-5)
+    cached = list((tmp_path / "cache" / "gguf").iterdir())
+    assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file()
+    again, _ = model_lib.load(str(path))  # second load comes from the cache
+    assert torch.equal(logits(again, ids), logits(model, ids))
+
+
+def test_missing_local_paths_fail_at_once_with_the_path(tmp_path):
+    with pytest.raises(PeftgenError, match=r"Model not found: .*nowhere\.gguf does not exist"):
+        model_lib.load(str(tmp_path / "nowhere.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PeftgenError, match="is a folder without config.json"):
+        model_lib.load(str(tmp_path / "empty"))
+
+
+def test_offline_hub_id_says_the_hub_cannot_be_reached_and_how_to_pass_a_folder(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    with pytest.raises(PeftgenError) as error:
+        model_lib.load("someone/some-model-that-is-not-cached")
+    assert "Hugging Face Hub cannot be reached" in str(error.value)
+    assert "Pass a local model folder" in str(error.value)
+    assert time.perf_counter() - started < 10  # no long retry loop
+
+
+def test_offline_check_respects_an_unreachable_endpoint(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens on the discard port
+    assert model_lib._hub_reachable(timeout=1) is False
+
+
+def test_8bit_without_bitsandbytes_says_how_to_install(monkeypatch, tiny_gpt2):
+    import importlib.metadata
+
+    real = importlib.metadata.version
+
+    def version(name):
+        if name == "bitsandbytes":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    with pytest.raises(PeftgenError, match=r"--mode 8bit needs bitsandbytes>=0\.47: pip install bitsandbytes"):
+        model_lib.load_pretrained(str(tiny_gpt2), quantize_8bit=True)

@@ -11,7 +11,7 @@ $(BIN)/peftgen: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
-	for p in plugins/*/; do $(BIN)/pip install -q -e "$$p"; done
+	for p in plugins/*/; do if [ -f "$$p/pyproject.toml" ]; then $(BIN)/pip install -q -e "$$p"; fi; done
 	touch $@
 
 install: $(BIN)/peftgen

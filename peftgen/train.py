@@ -9,6 +9,7 @@ reproduces itself, and a PNG of the loss curves.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -124,6 +125,8 @@ def training_arguments(config: config_lib.TrainConfig, output: Path, precision: 
 def train(config: config_lib.TrainConfig, progress: bool = True) -> TrainResult:
     """Run one fine-tuning job as configured; returns where it went and how it did."""
     config.validate()
+    if Path(config.model).expanduser().exists():  # the run folder must find its base from anywhere
+        config = dataclasses.replace(config, model=str(Path(config.model).expanduser().resolve()))
     precision = precision_lib.resolve(config.precision)
     # Read the data before touching the output folder or loading a model:
     # a bad file fails in a second and leaves nothing behind.

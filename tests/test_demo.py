@@ -1,0 +1,77 @@
+"""The demo's code path, end to end, on a tiny GGUF model and the real 32-book sample."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytest.importorskip("gguf")
+
+from gguf_writer import write_tiny_llama_gguf  # noqa: E402
+
+from peftgen import demo, plugins  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    import torch
+
+    folder = tmp_path_factory.mktemp("demo")
+    # Like the real SmolLM2 file, Q8_0 blocks: loads through transformers' GGUF quantizer.
+    gguf = write_tiny_llama_gguf(folder / "model" / "tiny.gguf", quantization="Q8_0")
+    # The first 10 books of the real sample: 7 train, 2 valid, 1 test, cut into ~20 pieces each.
+    rows = demo.SAMPLE.read_text(encoding="utf-8").splitlines()[:10]
+    (folder / "sample.tsv").write_text("\n".join(rows), encoding="utf-8")
+    recipe = demo.Recipe(max_length=96, max_steps=12, batch_size=8, lr=3e-3, eval_steps=6, max_new_tokens=12,
+                         precision="fp32")
+    lines: list[str] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small only loses time to thread handoffs, more so on busy CPUs
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PEFTGEN_CACHE", str(folder / "cache"))  # the dequantised copy goes here, not ~/.cache
+            result = demo.run(str(gguf), folder / "out", data=folder / "sample.tsv", recipe=recipe,
+                              progress=False, echo=lines.append)
+    finally:
+        torch.set_num_threads(threads)
+    return result, "\n".join(lines)
+
+
+def test_test_perplexity_drops_and_the_table_says_so(demo_run):
+    result, printed = demo_run
+    assert math.isfinite(result.before.perplexity) and result.after.perplexity < result.before.perplexity
+    assert result.before.tokens == result.after.tokens > 0  # the same tokens scored both times
+    assert "test perplexity" in result.table and "trainable parameters" in result.table
+    assert f"{result.train.trainable_params:,} of" in result.table
+    assert result.table in printed
+
+
+def test_every_example_fits_and_keeps_its_eos(demo_run):
+    result, _ = demo_run
+    from transformers import AutoTokenizer
+
+    counted = AutoTokenizer.from_pretrained(result.train.output_dir)  # the run's tokenizer, markers included
+    for name in ("train", "valid", "test"):
+        for line in (result.output_dir / "data" / f"{name}.txt").read_text(encoding="utf-8").splitlines():
+            assert line.endswith(" <EOS>")
+            assert len(counted(" " + line[6:-6], add_special_tokens=False)["input_ids"]) + 2 <= 96
+
+
+def test_run_folder_has_curves_results_and_a_sample_per_decoder(demo_run):
+    result, printed = demo_run
+    assert (result.output_dir / "lora" / "loss.png").stat().st_size > 1000
+    assert result.train.loss_plot == result.output_dir / "lora" / "loss.png"
+    assert sorted(s.decoder for s in result.samples) == sorted(plugins.get_decoders())
+    markdown = (result.output_dir / "results.md").read_text(encoding="utf-8")
+    for s in result.samples:
+        assert s.finish_reason in ("stop", "length") and 0 < s.tokens <= 12
+        ending = "ended at <EOS>" if s.finish_reason == "stop" else f"stopped at the length limit ({s.tokens} tokens)"
+        assert f"### {s.decoder} ({ending})" in markdown
+    assert "[6/6] Samples from <BOS>" in printed
+
+
+def test_missing_sample_is_a_clear_error(tmp_path):
+    from peftgen.errors import PeftgenError
+
+    with pytest.raises(PeftgenError, match="Demo data .*nope.tsv not found"):
+        demo.run("unused", tmp_path, data=tmp_path / "nope.tsv", echo=lambda _: None)

@@ -1,0 +1,288 @@
+"""The decoding engine: a KV-cached, batched loop over any causal LM.
+
+    from peftgen.generation import generate
+    from peftgen.decoders.topk import TopK
+    completions = generate(model, [[50256]], TopK(k=50), max_new_tokens=300, num_return_sequences=5)
+
+Prompts of different lengths are left-padded; the attention mask and the
+position ids are built the way ``model.generate`` builds them, so greedy and
+beam results equal transformers' token for token. Per step the engine does
+one forward of one token per row (``logits_to_keep=1``), hands float32
+logits ``(N, V)`` to the decoder, writes the chosen tokens into a
+preallocated buffer and checks stop tokens on the device.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Sequence
+
+import torch
+
+from peftgen.errors import PeftgenError
+from peftgen.generation.decoder import Completion, DecodeContext, SequenceDecoder, TokenDecoder
+from peftgen.generation.fast import make_cache, skinny_head
+
+
+class Engine:
+    """One batch of prompts on one model: prefill, then a token per row per ``step``.
+
+    Rows are what the model sees: ``start(expand)`` gives every prompt
+    ``expand`` rows (prompt 0's rows first), ``reorder`` picks, repeats or
+    permutes rows of the KV cache. Token decoders never see the engine;
+    sequence decoders drive it (see ``SequenceDecoder``).
+    """
+
+    def __init__(
+        self,
+        model,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        stop_tokens: Sequence[int] = (),
+        pad_token_id: int | None = None,
+        seed: int = 0,
+    ):
+        self.model = model
+        self.device = _device(model)
+        self.batch_size = len(prompts)
+        self.max_new_tokens = max_new_tokens
+        self.prompt_length = max(len(prompt) for prompt in prompts)
+        self.stop_tokens = torch.tensor(list(stop_tokens), dtype=torch.long, device=self.device)  # (S,)
+        self.pad_token_id = pad_token_id if pad_token_id is not None else (list(stop_tokens) or [0])[0]
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+        # Left padding: (B, T0) ids and mask, 1 for real tokens.
+        B, T0 = self.batch_size, self.prompt_length
+        self.prompt_ids = torch.full((B, T0), self.pad_token_id, dtype=torch.long)
+        self.prompt_mask = torch.zeros((B, T0), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            self.prompt_ids[row, T0 - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+            self.prompt_mask[row, T0 - len(prompt):] = 1
+        self.prompt_ids, self.prompt_mask = self.prompt_ids.to(self.device), self.prompt_mask.to(self.device)
+        # Without padding the mask is all ones and is not passed at all, as model.generate does.
+        self.padded = bool((self.prompt_mask == 0).any())
+
+        forward = inspect.signature(_base_model(model).forward).parameters
+        self._cache_argument = "cache" if "cache" in forward else "past_key_values"
+        self._takes_positions = "position_ids" in forward
+        self._takes_logits_to_keep = "logits_to_keep" in forward
+        self._cache = None
+        self._fed = 0  # tokens fed after the prompt
+
+    @property
+    def rows(self) -> int:
+        return self._mask.shape[0]
+
+    def start(self, expand: int = 1) -> torch.Tensor:
+        """Run the prompts; every prompt gets ``expand`` rows. Returns logits ``(B*expand, V)``."""
+        B, T0, new = self.batch_size, self.prompt_length, self.max_new_tokens
+        self._cache = make_cache(self.model, T0 + new)
+        # Position ids from the mask, like generate: real tokens count 0, 1, 2... after the padding.
+        positions = (self.prompt_mask.cumsum(-1) - 1).masked_fill(self.prompt_mask == 0, 0)  # (B, T0)
+        logits = self._forward(self.prompt_ids, self.prompt_mask if self.padded else None, positions)
+        # Everything a step needs, preallocated: the mask grows by slicing, positions by column.
+        ones = torch.ones((B, new), dtype=torch.long, device=self.device)
+        self._mask = torch.cat([self.prompt_mask, ones], dim=1)  # (B, T0 + new)
+        next_position = self.prompt_mask.sum(-1, keepdim=True)  # (B, 1)
+        self._positions = next_position + torch.arange(new, device=self.device)  # (B, new)
+        if expand > 1:
+            self.reorder(torch.arange(B, device=self.device).repeat_interleave(expand))
+            logits = logits.repeat_interleave(expand, dim=0)
+        self._fed = 0
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row ``(N,)``; returns the logits of the next one ``(N, V)``."""
+        t = self._fed
+        if t >= self.max_new_tokens:
+            raise RuntimeError(f"step() called more than max_new_tokens={self.max_new_tokens} times")
+        mask = self._mask[:, : self.prompt_length + t + 1] if self.padded else None
+        logits = self._forward(tokens.view(-1, 1), mask, self._positions[:, t : t + 1])
+        self._fed = t + 1
+        return logits
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep rows ``rows`` ``(N',)`` of the cache, in that order; repeats expand, omissions drop."""
+        rows = rows.to(self.device)
+        self._cache.reorder_cache(rows)
+        self._mask = self._mask.index_select(0, rows)
+        self._positions = self._positions.index_select(0, rows)
+
+    def completion(self, token_ids: Sequence[int], score: float | None = None) -> Completion:
+        """A Completion cut after its first stop token, with its finish reason."""
+        token_ids = list(token_ids)
+        stops = set(self.stop_tokens.tolist())
+        for i, token in enumerate(token_ids):
+            if token in stops:
+                return Completion(token_ids[: i + 1], "stop", score)
+        return Completion(token_ids, "length", score)
+
+    def _forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        kwargs = {"input_ids": input_ids, self._cache_argument: self._cache, "use_cache": True}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if self._takes_positions:
+            kwargs["position_ids"] = position_ids
+        if self._takes_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(**kwargs)
+        if self._cache is None:  # a model that builds its own cache object
+            self._cache = getattr(out, self._cache_argument, None) or out.past_key_values
+        return out.logits[:, -1].float()  # (N, V), float32 for the decoders
+
+
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    decoder: TokenDecoder | SequenceDecoder,
+    *,
+    max_new_tokens: int,
+    num_return_sequences: int = 1,
+    stop_tokens: Sequence[int] = (),
+    pad_token_id: int | None = None,
+    seed: int = 0,
+    on_token: Callable[[int, torch.Tensor], None] | None = None,
+) -> list[list[Completion]]:
+    """For each prompt (a list of token ids), ``num_return_sequences`` completions.
+
+    Generation of a row stops at the first of ``stop_tokens`` (kept in its
+    ``token_ids``) or after ``max_new_tokens``. ``on_token(step, tokens)`` is
+    called with each step's ``(N,)`` tokens (token decoders only), for streaming.
+    """
+    check_request(decoder, num_return_sequences, max_new_tokens)
+    if not prompts or any(len(prompt) == 0 for prompt in prompts):
+        raise PeftgenError("Every prompt needs at least one token. Pass a non-empty prompt (or a tokenizer with a bos token).")
+    check_context(model, max(len(prompt) for prompt in prompts), max_new_tokens)
+    with torch.inference_mode(), skinny_head(model):
+        engine = Engine(
+            model, prompts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
+            pad_token_id=pad_token_id, seed=seed,
+        )
+        if isinstance(decoder, TokenDecoder):
+            return _token_loop(engine, decoder, num_return_sequences, on_token)
+        try:
+            results = decoder.decode(engine, num_return_sequences)
+        except PeftgenError:
+            raise
+        except Exception as error:
+            raise _decoder_error(decoder, "decode()", error) from error
+        if len(results) != engine.batch_size:
+            raise PeftgenError(f"Decoder '{decoder.name}' returned results for {len(results)} prompts, expected {engine.batch_size}.")
+        return [list(per_prompt)[:num_return_sequences] for per_prompt in results]
+
+
+def check_request(decoder, num_return_sequences: int, max_new_tokens: int) -> None:
+    """Errors a request can be refused with before any model is loaded."""
+    if not isinstance(decoder, (TokenDecoder, SequenceDecoder)):
+        raise TypeError(f"{decoder!r} is neither a TokenDecoder nor a SequenceDecoder")
+    if max_new_tokens < 1:
+        raise PeftgenError(f"--max-new-tokens must be at least 1, got {max_new_tokens}.")
+    if num_return_sequences < 1:
+        raise PeftgenError(f"--num-return-sequences must be at least 1, got {num_return_sequences}.")
+    if isinstance(decoder, SequenceDecoder):
+        try:
+            decoder.validate(num_return_sequences)
+        except ValueError as error:
+            raise PeftgenError(f"Decoder '{decoder.name}': {error}") from None
+
+
+def context_length(model) -> int | None:
+    """The longest sequence the model's position embeddings cover, if its config says."""
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    limit = context_length(model)
+    if limit is None:
+        return
+    if prompt_tokens >= limit:
+        raise PeftgenError(
+            f"The prompt is {prompt_tokens} tokens, but the model's context is {limit} tokens "
+            "and generation needs room for new ones. Shorten the prompt."
+        )
+    if prompt_tokens + max_new_tokens > limit:
+        raise PeftgenError(
+            f"The prompt ({prompt_tokens} tokens) plus --max-new-tokens {max_new_tokens} is "
+            f"{prompt_tokens + max_new_tokens} tokens, more than the model's context of {limit}. "
+            f"Use --max-new-tokens {limit - prompt_tokens} or less."
+        )
+
+
+def _token_loop(engine: Engine, decoder: TokenDecoder, n: int, on_token) -> list[list[Completion]]:
+    B, T0, new = engine.batch_size, engine.prompt_length, engine.max_new_tokens
+    logits = engine.start(expand=n)  # (N, V), N = B * n
+    N = logits.shape[0]
+    tokens = torch.empty((N, T0 + new), dtype=torch.long, device=engine.device)  # prompt + generated
+    tokens[:, :T0] = engine.prompt_ids.repeat_interleave(n, dim=0)
+    mask = engine._mask  # (N, T0 + new): padding zeros, then ones
+    stop = engine.stop_tokens
+    finished = torch.zeros(N, dtype=torch.bool, device=engine.device)
+    # Asking "all finished?" is free on CPU but a sync on an accelerator: there, ask every 8 steps.
+    check_every = 1 if engine.device.type == "cpu" else 8
+    steps = new
+    for t in range(new):
+        ctx = DecodeContext(engine.generator, tokens[:, : T0 + t], mask[:, : T0 + t], t, T0)
+        try:
+            chosen = decoder.select(logits, ctx)
+        except PeftgenError:
+            raise
+        except Exception as error:
+            raise _decoder_error(decoder, f"select() at step {t}", error) from error
+        if t == 0:
+            _check_selection(decoder, chosen, logits)
+        if chosen.dtype != torch.long:
+            chosen = chosen.long()
+        if len(stop):
+            chosen = chosen.masked_fill(finished, engine.pad_token_id)  # finished rows idle on padding
+        tokens[:, T0 + t] = chosen
+        if on_token is not None:
+            on_token(t, chosen)
+        if len(stop):
+            finished |= torch.isin(chosen, stop)
+            if t % check_every == check_every - 1 and bool(finished.all()):
+                steps = t + 1
+                break
+        if t + 1 < new:
+            logits = engine.step(chosen)
+    generated = tokens[:, T0 : T0 + steps].tolist()
+    completions = [engine.completion(row) for row in generated]
+    return [completions[b * n : (b + 1) * n] for b in range(B)]
+
+
+def _check_selection(decoder: TokenDecoder, chosen, logits: torch.Tensor) -> None:
+    """A plugin's select() must return (N,) integer token ids; say so clearly if it does not."""
+    N, V = logits.shape
+    if not isinstance(chosen, torch.Tensor):
+        problem = f"a {type(chosen).__name__}"
+    elif chosen.shape != (N,):
+        problem = f"a tensor of shape {tuple(chosen.shape)}"
+    elif chosen.dtype.is_floating_point or chosen.dtype == torch.bool:
+        problem = f"a {chosen.dtype} tensor"
+    elif int(chosen.min()) < 0 or int(chosen.max()) >= V:
+        problem = f"token ids outside [0, {V})"
+    else:
+        return
+    raise PeftgenError(
+        f"Decoder '{decoder.name}' returned {problem} from select(); it must return a ({N},) int64 tensor of token ids."
+    )
+
+
+def _decoder_error(decoder, where: str, error: Exception) -> PeftgenError:
+    return PeftgenError(f"Decoder '{decoder.name}' failed in {where}: {type(error).__name__}: {error}")
+
+
+def _base_model(model):
+    """The transformers model under a PEFT wrapper, whose forward names the real arguments."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")

@@ -116,8 +116,9 @@ def get_decoders() -> dict[str, DecoderInfo]:
     return decoders
 
 
-def get_decoder(name: str) -> DecoderInfo:
-    decoders = get_decoders()
+def get_decoder(name: str, decoders: dict[str, DecoderInfo] | None = None) -> DecoderInfo:
+    """The decoder called ``name`` (from ``decoders``, default all registered), or an error listing them."""
+    decoders = get_decoders() if decoders is None else decoders
     if name not in decoders:
         raise PeftgenError(
             f"Unknown decoder '{name}'. Available: {', '.join(sorted(decoders))} "

@@ -13,6 +13,7 @@ decoders pass them; see tests/test_decoders.py.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -91,17 +92,20 @@ def check_select_batch_of_one(decoder: TokenDecoder) -> None:
 def check_seeded_determinism(decoder) -> None:
     """The same seed gives the same completions (all randomness comes from ctx.generator)."""
     first, again = _run(decoder, seed=3), _run(decoder, seed=3)
-    assert first == again, f"two runs with seed 3 differ:\n{first}\n{again}\nDraw randomness only from ctx.generator."
+    assert _tokens(first) == _tokens(again), f"two runs with seed 3 differ:\n{first}\n{again}\nDraw randomness only from ctx.generator."
 
 
 def check_batch_of_one(decoder) -> None:
     """Prompts of different lengths in one batch give what each gives alone (for deterministic decoders)."""
     batch = _run(decoder, seed=0)
-    if batch != _run(decoder, seed=1):
+    if _tokens(batch) != _tokens(_run(decoder, seed=1)):
         return  # a sampling decoder: the batch's rows share the random stream, see check_select_batch_of_one
     for i, prompt in enumerate(PROMPTS):
         alone = _run(decoder, seed=0, prompts=[prompt])[0]
-        assert batch[i] == alone, f"prompt {i} gives {batch[i]} in a batch but {alone} alone"
+        assert _tokens([batch[i]]) == _tokens([alone]), f"prompt {i} gives {batch[i]} in a batch but {alone} alone"
+        for in_batch, single in zip(batch[i], alone):  # padding may move scores in the last float bits only
+            if in_batch.score is not None:
+                assert abs(in_batch.score - single.score) <= 1e-4 * max(1.0, abs(single.score)), f"prompt {i}: score {in_batch.score} in a batch, {single.score} alone"
 
 
 def check_stop_tokens(decoder) -> None:
@@ -129,13 +133,33 @@ def check_stop_tokens(decoder) -> None:
         assert stopped[0][0].finish_reason == "stop"
 
 
+@contextlib.contextmanager
+def isolated_plugins():
+    """A fresh plugin manager for the duration; whatever is registered inside is forgotten after.
+
+        with isolated_plugins() as pm:
+            pm.register(MyPlugin(), name="mine")
+            ...  # get_decoders() and the CLI see built-ins, installed plugins and "mine"
+    """
+    from peftgen import plugins
+
+    saved = plugins.pm, plugins._loaded, plugins._sources
+    plugins.pm, plugins._loaded, plugins._sources = plugins._new_manager(), False, {}
+    try:
+        plugins.load_plugins()
+        yield plugins.pm
+    finally:
+        plugins.pm, plugins._loaded, plugins._sources = saved
+
+
 def tiny_model():
     """A 1-layer GPT-2 with a 96-token vocabulary and peaked (large-init) weights, built in memory."""
     global _MODEL
     if _MODEL is None:
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=1, n_head=2, initializer_range=0.3)
+        config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=1, n_head=2, initializer_range=0.3,
+            bos_token_id=0, eos_token_id=0)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             _MODEL = GPT2LMHeadModel(config).eval()
@@ -153,6 +177,10 @@ def _run(decoder, *, seed: int, prompts=PROMPTS, stop_tokens=()):
         except ValueError:
             n = 1
     return generate(tiny_model(), prompts, decoder, max_new_tokens=MAX_NEW, num_return_sequences=n, stop_tokens=stop_tokens, seed=seed)
+
+
+def _tokens(results) -> list:
+    return [[(c.token_ids, c.finish_reason) for c in completions] for completions in results]
 
 
 def _logits(batch: int) -> torch.Tensor:

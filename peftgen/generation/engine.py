@@ -20,7 +20,7 @@ import torch
 
 from peftgen.errors import PeftgenError
 from peftgen.generation.decoder import Completion, DecodeContext, SequenceDecoder, TokenDecoder
-from peftgen.generation.fast import make_cache, skinny_head
+from peftgen.generation import fast
 
 
 class Engine:
@@ -76,7 +76,7 @@ class Engine:
     def start(self, expand: int = 1) -> torch.Tensor:
         """Run the prompts; every prompt gets ``expand`` rows. Returns logits ``(B*expand, V)``."""
         B, T0, new = self.batch_size, self.prompt_length, self.max_new_tokens
-        self._cache = make_cache(self.model, T0 + new)
+        self._cache = fast.make_cache(self.model, T0 + new)
         # Position ids from the mask, like generate: real tokens count 0, 1, 2... after the padding.
         positions = (self.prompt_mask.cumsum(-1) - 1).masked_fill(self.prompt_mask == 0, 0)  # (B, T0)
         logits = self._forward(self.prompt_ids, self.prompt_mask if self.padded else None, positions)
@@ -153,7 +153,7 @@ def generate(
     if not prompts or any(len(prompt) == 0 for prompt in prompts):
         raise PeftgenError("Every prompt needs at least one token. Pass a non-empty prompt (or a tokenizer with a bos token).")
     check_context(model, max(len(prompt) for prompt in prompts), max_new_tokens)
-    with torch.inference_mode(), skinny_head(model):
+    with torch.inference_mode(), fast.skinny_head(model):
         engine = Engine(
             model, prompts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
             pad_token_id=pad_token_id, seed=seed,

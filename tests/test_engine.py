@@ -1,0 +1,240 @@
+"""The engine: greedy and beam equal transformers' generate token for token (GPT-2 and a
+Llama-architecture model, batched prompts of different lengths), stop tokens stop it,
+and its step/reorder API is enough to write a sequence decoder from outside."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from peftgen import SequenceDecoder, TokenDecoder
+from peftgen.decoders.beam import BeamSearch
+from peftgen.decoders.greedy import Greedy
+from peftgen.errors import PeftgenError
+from peftgen.generation import generate
+
+PROMPTS = [[50256, 464, 3290, 318], [50256, 40], [50256, 1212, 318]]  # lengths 4, 2, 3: left padding
+PAD = 50256
+NEW = 20
+
+
+@pytest.fixture(scope="module", params=["tiny_gpt2", "tiny_llama", "tiny_gpt2-peaked", "tiny_llama-peaked"])
+def model(request):
+    """The random fixtures as they are (near-uniform predictions), and "peaked": the output head
+    scaled 30x, so that predictions are confident and stop tokens win beams, as in a trained model."""
+    fixture, _, peaked = request.param.partition("-")
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(fixture)).eval()
+    if peaked:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(30)
+    model.peaked = bool(peaked)
+    return model
+
+
+def _stop_sets(model, **beam) -> list[list[int]]:
+    """Stop-token sets these prompts do produce: tokens from the beams of a run without stops."""
+    free = _reference(model, num_return_sequences=beam["num_beams"], eos_token_id=None, **beam)
+    per_prompt = len(free) // len(PROMPTS)
+    best = free[::per_prompt]
+    worst = free[per_prompt - 1 :: per_prompt]
+    return [sorted({row[2] for row in best}), [best[1][5]], sorted({row[0] for row in worst} | {best[0][9]})]
+
+
+def _padded(prompts):
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), PAD)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def _reference(model, **kwargs) -> list[list[int]]:
+    """model.generate's new tokens per returned row, cut after the first stop token."""
+    ids, mask = _padded(PROMPTS)
+    out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, pad_token_id=PAD, **kwargs)
+    stop = set(kwargs.get("eos_token_id") or [])
+    rows = []
+    for row in out[:, ids.shape[1]:].tolist():
+        end = next((i + 1 for i, token in enumerate(row) if token in stop), len(row))
+        rows.append(row[:end])
+    return rows
+
+
+def test_greedy_equals_generate_token_for_token(model):
+    reasons = set()
+    for stop in [[], *_stop_sets(model, num_beams=1)]:
+        ours = generate(model, PROMPTS, Greedy(), max_new_tokens=NEW, stop_tokens=stop, pad_token_id=PAD)
+        assert [c[0].token_ids for c in ours] == _reference(model, eos_token_id=stop or None)
+        reasons |= {c[0].finish_reason for c in ours}
+    assert reasons == {"stop", "length"}
+
+
+BEAM_SETTINGS = [  # num_beams, length_penalty, early_stopping, num_return_sequences
+    (2, 1.0, False, 1),
+    (4, 1.0, False, 4),
+    (3, 2.0, True, 2),
+    (4, -1.0, True, 3),
+    (3, 0.0, "never", 3),
+    (4, 1.5, "never", 2),
+    (1, 1.0, False, 1),
+]
+
+
+@pytest.mark.parametrize("num_beams, length_penalty, early_stopping, n", BEAM_SETTINGS)
+def test_beam_equals_generate_token_for_token_and_in_order(model, num_beams, length_penalty, early_stopping, n):
+    settings = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping)
+    free = generate(model, PROMPTS, BeamSearch(**settings), max_new_tokens=NEW, num_return_sequences=n)
+    changed = False
+    for stop in _stop_sets(model, **settings):
+        ours = generate(model, PROMPTS, BeamSearch(**settings), max_new_tokens=NEW, num_return_sequences=n,
+                        stop_tokens=stop, pad_token_id=PAD)
+        expected = _reference(model, num_return_sequences=n, eos_token_id=stop, **settings)
+        assert [c.token_ids for completions in ours for c in completions] == expected
+        assert all(len(completions) == n for completions in ours)
+        changed |= ours != free
+    assert changed  # the stop tokens mattered: the finished-hypotheses bookkeeping was exercised
+
+
+def test_beam_returns_best_first(model):
+    ours = generate(model, PROMPTS, BeamSearch(num_beams=4), max_new_tokens=8, num_return_sequences=4)
+    for completions in ours:
+        scores = [c.score for c in completions]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_generation_stops_at_the_stop_token(model):
+    free = generate(model, PROMPTS, Greedy(), max_new_tokens=50)
+    stop = sorted({completions[0].token_ids[1] for completions in free})  # every row's second token
+    calls = []
+    hook = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        stopped = generate(model, PROMPTS, Greedy(), max_new_tokens=50, stop_tokens=stop)
+    finally:
+        hook.remove()
+    for completions, before in zip(stopped, free):
+        completion = completions[0]
+        assert completion.finish_reason == "stop"
+        assert completion.token_ids[-1] in stop and len(completion.token_ids) <= 2
+        assert completion.token_ids == before[0].token_ids[: len(completion.token_ids)]
+    assert len(calls) <= 2  # prefill and one step, not 50
+
+
+def test_prompt_longer_than_the_context_is_a_clear_error(model):
+    with pytest.raises(PeftgenError) as error:
+        generate(model, [[1] * 300], Greedy(), max_new_tokens=5)
+    assert str(error.value) == (
+        "The prompt is 300 tokens, but the model's context is 256 tokens and generation needs room for new ones. "
+        "Shorten the prompt."
+    )
+    with pytest.raises(PeftgenError) as error:
+        generate(model, [[1] * 200], Greedy(), max_new_tokens=100)
+    assert str(error.value) == (
+        "The prompt (200 tokens) plus --max-new-tokens 100 is 300 tokens, more than the model's context of 256. "
+        "Use --max-new-tokens 56 or less."
+    )
+
+
+class Boom(TokenDecoder):
+    """Fails on purpose."""
+
+    name = "boom"
+
+    def select(self, logits, ctx):
+        raise RuntimeError("kaput")
+
+
+class Wrong(TokenDecoder):
+    """Returns probabilities instead of ids."""
+
+    name = "wrong"
+
+    def select(self, logits, ctx):
+        return torch.softmax(logits, dim=-1)
+
+
+def test_a_decoder_that_raises_is_named(model):
+    with pytest.raises(PeftgenError, match=r"^Decoder 'boom' failed in select\(\) at step 0: RuntimeError: kaput$"):
+        generate(model, PROMPTS, Boom(), max_new_tokens=3)
+
+
+def test_a_decoder_returning_the_wrong_thing_is_named(model):
+    with pytest.raises(PeftgenError, match=r"^Decoder 'wrong' returned a tensor of shape \(3, 50257\) from select\(\); it must return a \(3,\) int64"):
+        generate(model, PROMPTS, Wrong(), max_new_tokens=3)
+
+
+def test_the_output_head_is_swapped_only_during_generation_and_computes_the_same_logits(model):
+    head = model.get_output_embeddings()
+    ids, mask = _padded(PROMPTS)
+    with torch.inference_mode():
+        plain = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+        from peftgen.generation.fast import skinny_head
+
+        with skinny_head(model):
+            assert model.get_output_embeddings() is not head
+            swapped = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+    assert model.get_output_embeddings() is head
+    torch.testing.assert_close(swapped, plain, rtol=1e-5, atol=1e-5)
+    with pytest.raises(PeftgenError):
+        generate(model, PROMPTS, Boom(), max_new_tokens=3)
+    assert model.get_output_embeddings() is head  # restored after an error too
+
+
+class SampleAndRank(SequenceDecoder):
+    """Draws n samples per prompt and returns them by total log-probability, best first.
+
+    Written only against the public engine API, as a plugin would be: rows that end are
+    dropped from the batch with engine.reorder.
+    """
+
+    name = "sample-and-rank"
+
+    def decode(self, engine, num_return_sequences):
+        n, new = num_return_sequences, engine.max_new_tokens
+        logits = engine.start(expand=n)  # (B*n, V)
+        live = torch.arange(logits.shape[0])  # which original row each live row is
+        tokens = [[] for _ in range(logits.shape[0])]
+        scores = torch.zeros(logits.shape[0])
+        for t in range(new):
+            logp = torch.log_softmax(logits, dim=-1)
+            chosen = torch.multinomial(logp.exp(), 1, generator=engine.generator).squeeze(-1)  # (live,)
+            scores[live] += logp.gather(1, chosen[:, None]).squeeze(-1)
+            for row, token in zip(live.tolist(), chosen.tolist()):
+                tokens[row].append(token)
+            going = ~torch.isin(chosen, engine.stop_tokens)
+            if t + 1 == new or not going.any():
+                break
+            if not going.all():
+                engine.reorder(going.nonzero().squeeze(-1))  # drop finished rows from the cache
+                live, chosen = live[going], chosen[going]
+            logits = engine.step(chosen)
+        results = []
+        for b in range(engine.batch_size):
+            rows = sorted(range(b * n, (b + 1) * n), key=lambda r: -scores[r].item())
+            results.append([engine.completion(tokens[r], scores[r].item()) for r in rows])
+        return results
+
+
+@pytest.fixture(scope="module", params=["tiny_gpt2", "tiny_llama"])
+def sampled_model(request):
+    """The fixtures as they are: their samples vary, so some rows stop early and others do not."""
+    return AutoModelForCausalLM.from_pretrained(request.getfixturevalue(request.param)).eval()
+
+
+def test_a_sequence_decoder_can_drive_the_engine_and_drop_rows(sampled_model):
+    model = sampled_model
+    free = generate(model, PROMPTS, SampleAndRank(), max_new_tokens=12, num_return_sequences=3, seed=0)
+    stop = [free[0][0].token_ids[3], free[1][1].token_ids[2]]
+    ranked = generate(model, PROMPTS, SampleAndRank(), max_new_tokens=12, num_return_sequences=3, stop_tokens=stop, seed=0)
+    finished = [c.finish_reason for completions in ranked for c in completions]
+    assert "stop" in finished and "length" in finished  # rows were dropped mid-way
+    for prompt, completions in zip(PROMPTS, ranked):
+        assert [c.score for c in completions] == sorted((c.score for c in completions), reverse=True)
+        for completion in completions:
+            # The score the engine's logits gave equals a fresh full forward of prompt + completion.
+            ids = torch.tensor([prompt + completion.token_ids])
+            with torch.inference_mode():
+                logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float(), dim=-1)
+            total = logp.gather(1, ids[0, len(prompt):, None]).sum().item()
+            assert completion.score == pytest.approx(total, abs=1e-3)

@@ -73,13 +73,13 @@ def main() -> None:
     parser.add_argument("--decoders", nargs="+", default=["topk", "beam"], choices=["topk", "beam"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--ablation", action="store_true", help="Also time the engine without the output-head swap.")
+    parser.add_argument("--ablation", action="store_true", help="Also time the engine without the skinny-matmul swap.")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, {args.dtype}; {SEQUENCES} sequences x {NEW} new tokens from <BOS>; median of {args.repeats}")
     header = f"{'model':<8}{'decoder':<9}{'model.generate':>16}{'peftgen':>12}{'ratio':>8}"
-    print(header + ("   no head swap" if args.ablation else ""))
+    print(header + ("   no matmul swap" if args.ablation else ""))
     for shape in args.shapes:
         model = build(shape, dtype)
         for decoder in args.decoders:
@@ -91,11 +91,11 @@ def main() -> None:
                 hf.append(seconds(lambda: with_transformers(model, decoder, NEW)))
                 ours.append(seconds(lambda: with_peftgen(model, decoder, NEW)))
                 if args.ablation:
-                    real, fast.skinny_head = fast.skinny_head, _no_swap
+                    real, fast.skinny_matmuls = fast.skinny_matmuls, _no_swap
                     try:
                         plain.append(seconds(lambda: with_peftgen(model, decoder, NEW)))
                     finally:
-                        fast.skinny_head = real
+                        fast.skinny_matmuls = real
             tokens = SEQUENCES * NEW
             hf_rate, our_rate = tokens / statistics.median(hf), tokens / statistics.median(ours)
             line = f"{shape:<8}{decoder:<9}{hf_rate:>12.0f} t/s{our_rate:>8.0f} t/s{our_rate / hf_rate:>7.2f}x"

@@ -164,21 +164,22 @@ def test_a_decoder_returning_the_wrong_thing_is_named(model):
         generate(model, PROMPTS, Wrong(), max_new_tokens=3)
 
 
-def test_the_output_head_is_swapped_only_during_generation_and_computes_the_same_logits(model):
-    head = model.get_output_embeddings()
+def test_matmuls_are_swapped_only_during_generation_and_compute_the_same_logits(model):
+    from peftgen.generation.fast import skinny_matmuls
+
+    before = dict(model.named_modules())
     ids, mask = _padded(PROMPTS)
     with torch.inference_mode():
-        plain = model(input_ids=ids, attention_mask=mask).logits[:, -1]
-        from peftgen.generation.fast import skinny_head
-
-        with skinny_head(model):
-            assert model.get_output_embeddings() is not head
-            swapped = model(input_ids=ids, attention_mask=mask).logits[:, -1]
-    assert model.get_output_embeddings() is head
+        plain = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
+        with skinny_matmuls(model):
+            swapped_names = {name for name, module in model.named_modules() if type(module).__name__ == "_Skinny"}
+            swapped = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
+    assert "lm_head" in swapped_names and len(swapped_names) >= 5  # the head and the block projections
+    assert dict(model.named_modules()) == before
     torch.testing.assert_close(swapped, plain, rtol=1e-5, atol=1e-5)
     with pytest.raises(PeftgenError):
         generate(model, PROMPTS, Boom(), max_new_tokens=3)
-    assert model.get_output_embeddings() is head  # restored after an error too
+    assert dict(model.named_modules()) == before  # restored after an error too
 
 
 class SampleAndRank(SequenceDecoder):

@@ -16,6 +16,7 @@ import typer
 from peftgen.errors import PeftgenError
 
 Opt = typer.Option
+DEFAULT_NEW_TOKENS = 300  # the article's --length
 PluginFlag = Annotated[
     Optional[list[str]],
     Opt("--plugin", help="A plugin module name or .py file to load as well; repeatable. Also: PEFTGEN_PLUGINS."),
@@ -27,7 +28,7 @@ def generate(
     decoder: Annotated[str, Opt(help="Decoding strategy; 'peftgen decoders' lists them.")] = "topk",
     prompt: Annotated[Optional[list[str]], Opt(help="Text to continue; repeatable. Default: the tokenizer's bos, <BOS> for a trained run.")] = None,
     prompt_file: Annotated[Optional[Path], Opt(help="A file of prompts, one per line.")] = None,
-    max_new_tokens: Annotated[int, Opt("--max-new-tokens", "--length", help="Most tokens to generate per sequence.")] = 300,
+    max_new_tokens: Annotated[Optional[int], Opt("--max-new-tokens", "--length", help=f"Most tokens to generate per sequence. Default: {DEFAULT_NEW_TOKENS}, fewer if the model's context is shorter.")] = None,
     num_return_sequences: Annotated[int, Opt(help="Sequences per prompt.")] = 1,
     stop_token: Annotated[Optional[list[str]], Opt(help="Token that ends a sequence; repeatable. Default: the tokenizer's eos, <EOS> for a trained run.")] = None,
     seed: Annotated[Optional[int], Opt(help="Seed of the decoder's random draws; the same seed repeats a run. Default: random, printed to stderr.")] = None,
@@ -39,13 +40,14 @@ def generate(
     """Generate text with a decoding strategy; generation stops at a stop token."""
     from peftgen.generation import build_decoder, check_request, generate as run, parse_pairs, resolved_options
     from peftgen.generation.decoder import TokenDecoder
+    from peftgen.generation.engine import context_length
     from peftgen.generation.text import Streamer, completion_text, default_prompt, encode_prompt, stop_token_ids
 
     from peftgen.plugins import get_decoder
 
     info = get_decoder(decoder, _decoders(plugin))
     strategy = build_decoder(info.cls, parse_pairs(option))
-    check_request(strategy, num_return_sequences, max_new_tokens)
+    check_request(strategy, num_return_sequences, DEFAULT_NEW_TOKENS if max_new_tokens is None else max_new_tokens)
     if batch_size < 1:
         raise PeftgenError(f"--batch-size must be at least 1, got {batch_size}.")
     texts = _prompts(prompt, prompt_file)
@@ -54,11 +56,13 @@ def generate(
 
     lm, tokenizer = model_lib.load(model)
     texts = texts or [default_prompt(tokenizer)]
+    prompts = [encode_prompt(tokenizer, text) for text in texts]
     stops = stop_token_ids(tokenizer, stop_token)
-    if seed is None:
-        seed = random.randrange(2**31)
-        if not json_output:
-            typer.echo(f"seed {seed} (pass --seed {seed} to repeat)", err=True)
+    if max_new_tokens is None:  # not given: the article's 300, or what the context leaves room for
+        room = (context_length(lm) or 10**9) - max(map(len, prompts))
+        max_new_tokens = max(1, min(DEFAULT_NEW_TOKENS, room))
+    given_seed = seed is not None
+    seed = seed if given_seed else random.randrange(2**31)
     options = resolved_options(strategy)
     stream = not json_output and len(texts) * num_return_sequences == 1 and isinstance(strategy, TokenDecoder)
     streamer = Streamer(tokenizer, stops) if stream else None
@@ -69,7 +73,7 @@ def generate(
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
         results = run(
-            lm, [encode_prompt(tokenizer, text) for text in chunk], strategy, max_new_tokens=max_new_tokens,
+            lm, prompts[start : start + batch_size], strategy, max_new_tokens=max_new_tokens,
             num_return_sequences=num_return_sequences, stop_tokens=stops, pad_token_id=pad, seed=seed + start,
             on_token=on_token,
         )
@@ -87,6 +91,8 @@ def generate(
                 else:
                     typer.echo(f"=== sequence {number} · prompt {text!r} · {completion.finish_reason} ===")
                     typer.echo(output)
+    if not given_seed and not json_output:
+        typer.echo(f"(seed {seed}: pass --seed {seed} to repeat this output)", err=True)
 
 
 def decoders(

@@ -153,7 +153,7 @@ def generate(
     if not prompts or any(len(prompt) == 0 for prompt in prompts):
         raise PeftgenError("Every prompt needs at least one token. Pass a non-empty prompt (or a tokenizer with a bos token).")
     check_context(model, max(len(prompt) for prompt in prompts), max_new_tokens)
-    with torch.inference_mode(), fast.skinny_head(model):
+    with torch.inference_mode(), fast.skinny_matmuls(model):
         engine = Engine(
             model, prompts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
             pad_token_id=pad_token_id, seed=seed,

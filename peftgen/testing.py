@@ -169,6 +169,48 @@ def tiny_model():
 _MODEL = None
 
 
+def bigram_model(table: torch.Tensor, position_bias: torch.Tensor | None = None):
+    """A GPT-2 whose next-token logits are ``table[:, last_token] + position_bias[:, position]``.
+
+    ``table`` is ``(V, V)``: ``table[j, i]`` is the logit of token j after token i;
+    ``position_bias`` is ``(V, P)`` (optional; the model's context is then P positions). A model with the distributions
+    you choose, for sequence decoders, whose bookkeeping only shows when hypotheses of different
+    lengths compete. (A pure bigram scores two orderings of the same transitions equally, an exact
+    tie; a position bias breaks such ties.)
+
+    How: one-hot token and position embeddings in D = V + P + 1 dimensions and blocks that add
+    zero, so the final layer norm sees ``x = e_i + e_(V+p)``: ``h = (x - mu) / sigma + beta * e_(D-1)``
+    with ``mu = 2/D`` (``x = e_i`` and ``mu = 1/D`` without a position bias). Head columns ``sigma * table`` and ``sigma * position_bias`` give
+    ``table[j, i] + position_bias[j, p] - mu * (row sums)``; the last column, times
+    ``beta - mu/sigma``, adds the row sums back.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    V = table.shape[0]
+    P = 0 if position_bias is None else position_bias.shape[1]
+    D = V + P + 1
+    config = GPT2Config(vocab_size=V, n_embd=D, n_layer=1, n_head=1, n_positions=P or 256, tie_word_embeddings=False,
+                        layer_norm_epsilon=0.0, bos_token_id=0, eos_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        model = GPT2LMHeadModel(config).eval()
+    ones = 2 if P else 1  # ones in x: the token's, and the position's if there is a bias
+    mu, beta = ones / D, 1.0
+    sigma = (ones / D - mu**2) ** 0.5
+    position_bias = torch.zeros(V, 0) if position_bias is None else position_bias
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        model.transformer.wte.weight[:, :V] = torch.eye(V)
+        model.transformer.wpe.weight[:P, V : V + P] = torch.eye(P)
+        model.transformer.ln_f.weight.fill_(1.0)
+        model.transformer.ln_f.bias[D - 1] = beta
+        head = model.lm_head.weight  # (V, D)
+        head[:, :V] = sigma * table
+        head[:, V : V + P] = sigma * position_bias
+        head[:, D - 1] = mu * (table.sum(dim=1) + position_bias.sum(dim=1)) / (beta - mu / sigma)
+    return model
+
+
 def _run(decoder, *, seed: int, prompts=PROMPTS, stop_tokens=()):
     n = 2
     if isinstance(decoder, SequenceDecoder):

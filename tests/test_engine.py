@@ -3,6 +3,8 @@ Llama-architecture model, batched prompts of different lengths), stop tokens sto
 and its step/reorder API is enough to write a sequence decoder from outside."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -12,6 +14,7 @@ from peftgen.decoders.beam import BeamSearch
 from peftgen.decoders.greedy import Greedy
 from peftgen.errors import PeftgenError
 from peftgen.generation import generate
+from peftgen.testing import bigram_model
 
 PROMPTS = [[50256, 464, 3290, 318], [50256, 40], [50256, 1212, 318]]  # lengths 4, 2, 3: left padding
 PAD = 50256
@@ -40,9 +43,9 @@ def _stop_sets(model, **beam) -> list[list[int]]:
     return [sorted({row[2] for row in best}), [best[1][5]], sorted({row[0] for row in worst} | {best[0][9]})]
 
 
-def _padded(prompts):
+def _padded(prompts, pad=PAD):
     width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), PAD)
+    ids = torch.full((len(prompts), width), pad)
     mask = torch.zeros_like(ids)
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt):] = torch.tensor(prompt)
@@ -54,12 +57,13 @@ def _reference(model, **kwargs) -> list[list[int]]:
     """model.generate's new tokens per returned row, cut after the first stop token."""
     ids, mask = _padded(PROMPTS)
     out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, pad_token_id=PAD, **kwargs)
-    stop = set(kwargs.get("eos_token_id") or [])
-    rows = []
-    for row in out[:, ids.shape[1]:].tolist():
-        end = next((i + 1 for i, token in enumerate(row) if token in stop), len(row))
-        rows.append(row[:end])
-    return rows
+    return [_cut(row, kwargs.get("eos_token_id") or []) for row in out[:, ids.shape[1]:].tolist()]
+
+
+def _cut(row: list[int], stop) -> list[int]:
+    """A row of generate's output up to and including its first stop token (the rest is padding)."""
+    end = next((i + 1 for i, token in enumerate(row) if token in stop), len(row))
+    return row[:end]
 
 
 def test_greedy_equals_generate_token_for_token(model):
@@ -95,6 +99,37 @@ def test_beam_equals_generate_token_for_token_and_in_order(model, num_beams, len
         assert all(len(completions) == n for completions in ours)
         changed |= ours != free
     assert changed  # the stop tokens mattered: the finished-hypotheses bookkeeping was exercised
+
+
+@pytest.mark.parametrize("table_seed", [0, 1, 2])
+@pytest.mark.parametrize("early_stopping", [False, True, "never"])
+def test_beam_equals_generate_on_a_bigram_model_where_lengths_compete(table_seed, early_stopping):
+    """Random models rarely let a short finished hypothesis lose to a longer one; a peaked
+    bigram table over 12 tokens does, exercising every branch of the finished-beam bookkeeping.
+    The small position bias breaks exact ties between reorderings of the same transitions;
+    boosting the stop tokens makes more candidates end at once than the live beams can spare."""
+    generator = torch.Generator().manual_seed(table_seed)
+    table, position_bias = torch.randn(12, 12, generator=generator) * 2.5, torch.randn(12, 16, generator=generator) * 0.3
+    prompts = [[1, 2], [3], [4, 5, 6]]
+    ids, mask = _padded(prompts, pad=0)
+    for boost in (0.0, 4.0):
+        model = bigram_model(table + boost * (torch.arange(12) % 7 == 0)[:, None], position_bias)  # tokens 0 and 7
+        for num_beams, length_penalty, stop in itertools.product((2, 3), (-1.0, 0.0, 1.0, 2.0), ([0], [0, 7])):
+            settings = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping)
+            ours = generate(model, prompts, BeamSearch(**settings), max_new_tokens=10,
+                            num_return_sequences=num_beams, stop_tokens=stop, pad_token_id=0)
+            out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=10, pad_token_id=0,
+                                 eos_token_id=stop, num_return_sequences=num_beams, **settings)
+            expected = [_cut(row, stop) for row in out[:, ids.shape[1]:].tolist()]
+            assert [c.token_ids for completions in ours for c in completions] == expected, (boost, settings, stop)
+
+
+def test_the_bigram_model_predicts_its_table():
+    generator = torch.Generator().manual_seed(0)
+    table, position_bias = torch.randn(12, 12, generator=generator), torch.randn(12, 16, generator=generator)
+    logits = bigram_model(table, position_bias)(torch.tensor([[3, 5, 7]])).logits[0]  # (3, V)
+    torch.testing.assert_close(logits, (table[:, [3, 5, 7]] + position_bias[:, :3]).T, atol=1e-4, rtol=0)
+    torch.testing.assert_close(bigram_model(table)(torch.tensor([[3, 5]])).logits[0], table[:, [3, 5]].T, atol=1e-4, rtol=0)
 
 
 def test_beam_returns_best_first(model):

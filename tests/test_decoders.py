@@ -21,6 +21,7 @@ from peftgen.testing import check_decoder, tiny_model
     (Greedy, {}),
     (TopK, {}),
     (TopK, {"k": 3, "temperature": 0.5}),
+    (TopK, {"k": 50, "p": 0.9}),
     (TopP, {}),
     (TopP, {"p": 0.3, "temperature": 2.0}),
     (BeamSearch, {}),
@@ -147,6 +148,20 @@ def test_topk_draws_follow_the_renormalised_top_k_distribution(k, temperature):
     assert_draws_match(chosen, expected)
 
 
+def test_topk_with_p_draws_from_the_nucleus_of_the_top_k_like_transformers():
+    # run_generation.py --k 50 also applied top_p=0.9: top-k first, then the nucleus of what is left.
+    k, p = 8, 0.7
+    chosen = TopK(k=k, p=p).select(LOGITS.expand(DRAWS, -1), _ctx(DRAWS, seed=3))
+    top = LOGITS.masked_fill(~topk_allowed(LOGITS[None], k)[0], -math.inf)
+    allowed = topp_allowed(top[None], p)[0]
+    expected = torch.softmax(LOGITS.masked_fill(~allowed, -math.inf).double(), dim=-1)
+    assert_draws_match(chosen, expected)
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    warped = TopPLogitsWarper(p)(None, TopKLogitsWarper(k)(None, LOGITS[None].clone()))[0]
+    assert torch.equal(torch.isfinite(warped), allowed)  # the same allowed set as generate(top_k=8, top_p=0.7)
+
+
 @pytest.mark.parametrize("p, temperature", [(0.5, 1.0), (0.8, 0.8), (0.95, 2.0)])
 def test_topp_draws_follow_the_renormalised_nucleus_distribution(p, temperature):
     chosen = TopP(p=p, temperature=temperature).select(LOGITS.expand(DRAWS, -1), _ctx(DRAWS, seed=2))
@@ -167,14 +182,14 @@ def test_the_chi_square_check_can_fail():
 
 
 @pytest.mark.parametrize("cls, options, message", [
-    (TopK, {"k": "0"}, "Decoder 'topk' rejected its options: k must be at least 1, got 0. Its options: k (int, default 50), temperature (float, default 1.0)."),
+    (TopK, {"k": "0"}, "Decoder 'topk' rejected its options: k must be at least 1, got 0. Its options: k (int, default 50), temperature (float, default 1.0), p (float, default 1.0)."),
     (TopK, {"temperature": "0"}, "Decoder 'topk' rejected its options: temperature must be > 0, got 0.0."),
     (TopP, {"p": "0"}, "Decoder 'topp' rejected its options: p must be in (0, 1], got 0.0."),
     (TopP, {"p": "1.5"}, "Decoder 'topp' rejected its options: p must be in (0, 1], got 1.5."),
     (BeamSearch, {"num_beams": "0"}, "Decoder 'beam' rejected its options: num_beams must be at least 1, got 0."),
     (BeamSearch, {"early_stopping": "sometimes"}, "Option early_stopping='sometimes' of decoder 'beam': expected bool | 'never'."),
     (TopK, {"k": "many"}, "Option k='many' of decoder 'topk': expected an int."),
-    (TopK, {"kk": "5"}, "Decoder 'topk' has no option 'kk'. Its options: k (int, default 50), temperature (float, default 1.0)."),
+    (TopK, {"kk": "5"}, "Decoder 'topk' has no option 'kk'. Its options: k (int, default 50), temperature (float, default 1.0), p (float, default 1.0)."),
     (Greedy, {"k": "5"}, "Decoder 'greedy' has no option 'k'. 'greedy' takes no options."),
 ])
 def test_bad_options_are_clear_errors(cls, options, message):

@@ -69,7 +69,7 @@ def test_generate_json_one_object_per_sequence(tiny_gpt2):
         assert list(row) == KEYS
         assert len(row["token_ids"]) == 6 and row["finish_reason"] == "length"
         assert row["text"] == tokenizer.decode(row["token_ids"])
-        assert (row["decoder"], row["options"], row["seed"]) == ("topk", {"k": 50, "temperature": 1.0}, 3)
+        assert (row["decoder"], row["options"], row["seed"]) == ("topk", {"k": 50, "temperature": 1.0, "p": 1.0}, 3)
     assert lines(invoke(*args)) == rows  # the same seed repeats the run
 
 
@@ -118,8 +118,8 @@ def test_several_sequences_print_with_headers(tiny_gpt2, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--decoder", "topkk"], "Unknown decoder 'topkk'. Available: beam, greedy, topk, topp (installed plugins add more; see 'peftgen decoders')."),
-    (["-o", "k=0"], "Decoder 'topk' rejected its options: k must be at least 1, got 0. Its options: k (int, default 50), temperature (float, default 1.0)."),
-    (["-o", "kk=3"], "Decoder 'topk' has no option 'kk'. Its options: k (int, default 50), temperature (float, default 1.0)."),
+    (["-o", "k=0"], "Decoder 'topk' rejected its options: k must be at least 1, got 0. Its options: k (int, default 50), temperature (float, default 1.0), p (float, default 1.0)."),
+    (["-o", "kk=3"], "Decoder 'topk' has no option 'kk'. Its options: k (int, default 50), temperature (float, default 1.0), p (float, default 1.0)."),
     (["-o", "k"], "-o expects key=value, got 'k'. Example: -o temperature=0.7"),
     (["--decoder", "topp", "-o", "p=1.5"], "Decoder 'topp' rejected its options: p must be in (0, 1], got 1.5. Its options: p (float, default 0.9), temperature (float, default 1.0)."),
     (["--decoder", "beam", "--num-return-sequences", "6"], "Decoder 'beam': num_return_sequences (6) is more than num_beams (5); beam search returns at most num_beams sequences per prompt. Lower --num-return-sequences or pass -o num_beams=6"),
@@ -157,6 +157,7 @@ def test_decoders_lists_every_decoder_with_plugin_docstring_and_options():
     assert topk["options"] == [
         {"name": "k", "type": "int", "default": 50, "required": False},
         {"name": "temperature", "type": "float", "default": 1.0, "required": False},
+        {"name": "p", "type": "float", "default": 1.0, "required": False},
     ]
     assert listing[0]["kind"] == "sequence"
 

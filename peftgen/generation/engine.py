@@ -70,8 +70,9 @@ class Engine:
         self._fed = 0  # tokens fed after the prompt
 
     @property
-    def rows(self) -> int:
-        return self._mask.shape[0]
+    def attention_mask(self) -> torch.Tensor:
+        """``(N, T0 + max_new_tokens)`` per row: 0 on left padding, 1 on the prompt and every new position."""
+        return self._mask
 
     def start(self, expand: int = 1) -> torch.Tensor:
         """Run the prompts; every prompt gets ``expand`` rows. Returns logits ``(B*expand, V)``."""
@@ -219,7 +220,7 @@ def _token_loop(engine: Engine, decoder: TokenDecoder, n: int, on_token) -> list
     N = logits.shape[0]
     tokens = torch.empty((N, T0 + new), dtype=torch.long, device=engine.device)  # prompt + generated
     tokens[:, :T0] = engine.prompt_ids.repeat_interleave(n, dim=0)
-    mask = engine._mask  # (N, T0 + new): padding zeros, then ones
+    mask = engine.attention_mask  # (N, T0 + new): padding zeros, then ones
     stop = engine.stop_tokens
     finished = torch.zeros(N, dtype=torch.bool, device=engine.device)
     # Asking "all finished?" is free on CPU but a sync on an accelerator: there, ask every 8 steps.

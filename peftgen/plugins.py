@@ -90,7 +90,9 @@ def get_decoders() -> dict[str, DecoderInfo]:
     from peftgen.generation.decoder import SequenceDecoder, TokenDecoder
 
     decoders: dict[str, DecoderInfo] = {}
-    for impl in pm.hook.register_decoders.get_hookimpls():  # registration order
+    # One implementation at a time (in registration order, built-ins first) rather than
+    # pm.hook.register_decoders(...), so every decoder is attributed to its plugin.
+    for impl in pm.hook.register_decoders.get_hookimpls():
         plugin = impl.plugin_name
 
         def register(cls, plugin=plugin):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -42,6 +43,8 @@ def test_test_perplexity_drops_and_the_table_says_so(demo_run):
     assert math.isfinite(result.before.perplexity) and result.after.perplexity < result.before.perplexity
     assert result.before.tokens == result.after.tokens > 0  # the same tokens scored both times
     assert "test perplexity" in result.table and "trainable parameters" in result.table
+    stops = sum(s.finish_reason == "stop" for s in result.samples)
+    assert re.search(rf"samples ending at <EOS>\s+{stops} of {len(result.samples)}$", result.table, re.M)
     assert f"{result.train.trainable_params:,} of" in result.table
     assert result.table in printed
 
@@ -66,7 +69,7 @@ def test_run_folder_has_curves_results_and_a_sample_per_decoder(demo_run):
     for s in result.samples:
         assert s.finish_reason in ("stop", "length") and 0 < s.tokens <= 12
         ending = "ended at <EOS>" if s.finish_reason == "stop" else f"stopped at the length limit ({s.tokens} tokens)"
-        assert f"### {s.decoder} ({ending})" in markdown
+        assert f"### {s.decoder}: {ending}" in markdown
     assert "[6/6] Samples from <BOS>" in printed
 
 

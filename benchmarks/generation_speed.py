@@ -77,7 +77,8 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, {args.dtype}; {SEQUENCES} sequences x {NEW} new tokens from <BOS>; median of {args.repeats}")
+          f"{os.cpu_count()} CPUs, {args.dtype}; {SEQUENCES} sequences x {NEW} new tokens from <BOS>; median of {args.repeats}; "
+          f"load average {os.getloadavg()[0]:.2f} (other processes skew timings)")
     header = f"{'model':<8}{'decoder':<9}{'model.generate':>16}{'peftgen':>12}{'ratio':>8}"
     print(header + ("   no matmul swap" if args.ablation else ""))
     for shape in args.shapes:
@@ -102,6 +103,7 @@ def main() -> None:
             if args.ablation:
                 line += f"{tokens / statistics.median(plain):>10.0f} t/s"
             print(line, flush=True)
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
 
 class _no_swap:

@@ -113,7 +113,10 @@ def generate_samples(model, tokenizer, max_new_tokens: int, seed: int) -> list[S
             model, [[tokenizer.bos_token_id]], decoder, max_new_tokens=max_new_tokens,
             stop_tokens=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, seed=seed,
         )[0][0]
-        text = tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
+        ids = completion.token_ids[:-1] if completion.finish_reason == "stop" else completion.token_ids
+        # Special tokens stay visible: an instruct model such as SmolLM2 may still
+        # close a summary with its own end-of-turn token (<|im_end|>) instead of <EOS>.
+        text = tokenizer.decode(ids, skip_special_tokens=False).strip()
         samples.append(Sample(name, text, len(completion.token_ids), completion.finish_reason))
     return samples
 

@@ -73,6 +73,8 @@ class PrepareResult:
     skipped: list[BadRow] = field(default_factory=list)
     lengths: dict[str, LengthStats] = field(default_factory=dict)  # "chars", "words", "tokens"
     long_rows: int = 0                   # rows over --max-tokens (chunked, shortened or dropped)
+    max_tokens: int | None = None
+    long: str = "chunk"
 
 
 def normalise(text: str) -> str:
@@ -374,7 +376,7 @@ def prepare(
     lengths = {"chars": LengthStats.of(chars), "words": LengthStats.of(words)} if chars else {}
     if tokens:
         lengths["tokens"] = LengthStats.of(tokens)
-    return PrepareResult(out, fmt, files, examples, sources, skipped, lengths, long_rows)
+    return PrepareResult(out, fmt, files, examples, sources, skipped, lengths, long_rows, max_tokens, long)
 
 
 def report(result: PrepareResult, max_listed: int = 20) -> str:
@@ -391,7 +393,9 @@ def report(result: PrepareResult, max_listed: int = 20) -> str:
             more = f" and {len(numbers) - max_listed} more" if len(numbers) > max_listed else ""
             lines.append(f"  {reason}: line(s) {shown}{more} ({len(numbers)})")
     if result.long_rows:
-        lines.append(f"{result.long_rows} row(s) were longer than --max-tokens (chunked, shortened or dropped per --long)")
+        done = {"chunk": "cut at sentence ends into pieces that fit", "first": "shortened to their opening sentences",
+                "skip": "dropped"}[result.long]
+        lines.append(f"{result.long_rows} row(s) longer than {result.max_tokens} tokens were {done} (--long {result.long})")
     lines.append("Examples per split:")
     for name in SPLITS:
         lines.append(

@@ -67,7 +67,7 @@ def test_run_folder_has_curves_results_and_a_sample_per_decoder(demo_run):
     assert sorted(s.decoder for s in result.samples) == sorted(plugins.get_decoders())
     markdown = (result.output_dir / "results.md").read_text(encoding="utf-8")
     for s in result.samples:
-        assert s.finish_reason in ("stop", "length") and 0 < s.tokens <= 12
+        assert s.finish_reason in ("stop", "length") and 0 < s.tokens <= 12 and "<EOS>" not in s.text
         ending = "ended at <EOS>" if s.finish_reason == "stop" else f"stopped at the length limit ({s.tokens} tokens)"
         assert f"### {s.decoder}: {ending}" in markdown
     assert "[6/6] Samples from <BOS>" in printed

@@ -204,6 +204,7 @@ def test_long_examples_fit_max_tokens(tmp_path, gpt2_tok, long):
     else:
         assert sorted(x[6:-6] for x in lines) == sorted(s for s in summaries if counter.example(s) <= 128)
         assert result.long_rows == 32 - len(lines) > 0
+        assert f"{result.long_rows} row(s) longer than 128 tokens were dropped (--long skip)" in p.report(result)
 
 
 def test_token_lengths_are_reported(tmp_path, gpt2_tok):

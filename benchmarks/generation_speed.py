@@ -103,7 +103,6 @@ def main() -> None:
             if args.ablation:
                 line += f"{tokens / statistics.median(plain):>10.0f} t/s"
             print(line, flush=True)
-    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
 
 class _no_swap:

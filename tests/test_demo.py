@@ -78,3 +78,14 @@ def test_missing_sample_is_a_clear_error(tmp_path):
 
     with pytest.raises(PeftgenError, match="Demo data .*nope.tsv not found"):
         demo.run("unused", tmp_path, data=tmp_path / "nope.tsv", echo=lambda _: None)
+
+
+def test_command_line_help_and_a_clear_error(tmp_path):
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    helped = runner.invoke(demo.app, ["--help"])
+    assert helped.exit_code == 0 and "--output-dir" in helped.output and "--max-steps" in helped.output
+    failed = runner.invoke(demo.app, ["--model", str(tmp_path / "missing.gguf"), "--output-dir", str(tmp_path / "out")])
+    assert failed.exit_code == 1
+    assert f"Error: Model not found: {tmp_path / 'missing.gguf'} does not exist." in failed.output

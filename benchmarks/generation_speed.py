@@ -9,8 +9,9 @@ new tokens from <BOS> (one prompt, num_return_sequences=5; beam: num_beams=5,
 produce exactly 300 tokens per sequence (checked). Models are GPT-2 shapes
 with random weights and the GPT-2 vocabulary (50257): nothing is downloaded.
 Each repeat times generate and the engine back to back; the median of the
-repeats is reported. Other processes on the machine skew results: run it on
-a quiet machine.
+repeats is reported. Other processes on the machine skew results: the "cpu
+share" column is the lowest share of the machine's threads any timed run
+got; trust rows near 100%.
 """
 from __future__ import annotations
 
@@ -61,10 +62,16 @@ def with_peftgen(model, decoder: str, new: int) -> list[list[int]]:
     return [c.token_ids for c in completions]
 
 
+SHARES: list[float] = []  # CPU time / (wall time x threads) of every timed run
+
+
 def seconds(fn) -> float:
-    start = time.perf_counter()
+    """Wall time of fn(); also records the share of the machine's threads this process got."""
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    SHARES.append((time.process_time() - cpu) / (wall * torch.get_num_threads()))
+    return wall
 
 
 def main() -> None:
@@ -79,7 +86,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, {args.dtype}; {SEQUENCES} sequences x {NEW} new tokens from <BOS>; median of {args.repeats}; "
           f"load average {os.getloadavg()[0]:.2f} (other processes skew timings)")
-    header = f"{'model':<8}{'decoder':<9}{'model.generate':>16}{'peftgen':>12}{'ratio':>8}"
+    header = f"{'model':<8}{'decoder':<9}{'model.generate':>16}{'peftgen':>12}{'ratio':>8}{'cpu share':>11}"
     print(header + ("   no matmul swap" if args.ablation else ""))
     for shape in args.shapes:
         model = build(shape, dtype)
@@ -88,6 +95,7 @@ def main() -> None:
             assert with_transformers(model, decoder, NEW).shape == (SEQUENCES, NEW)
             assert all(len(ids) == NEW for ids in with_peftgen(model, decoder, NEW))
             hf, ours, plain = [], [], []
+            SHARES.clear()
             for _ in range(args.repeats):
                 hf.append(seconds(lambda: with_transformers(model, decoder, NEW)))
                 ours.append(seconds(lambda: with_peftgen(model, decoder, NEW)))
@@ -99,7 +107,8 @@ def main() -> None:
                         fast.skinny_matmuls = real
             tokens = SEQUENCES * NEW
             hf_rate, our_rate = tokens / statistics.median(hf), tokens / statistics.median(ours)
-            line = f"{shape:<8}{decoder:<9}{hf_rate:>12.0f} t/s{our_rate:>8.0f} t/s{our_rate / hf_rate:>7.2f}x"
+            # The lowest share of any timed run: well under 100% means other processes took CPU time.
+            line = f"{shape:<8}{decoder:<9}{hf_rate:>12.0f} t/s{our_rate:>8.0f} t/s{our_rate / hf_rate:>7.2f}x{min(SHARES):>10.0%}"
             if args.ablation:
                 line += f"{tokens / statistics.median(plain):>10.0f} t/s"
             print(line, flush=True)

@@ -90,15 +90,19 @@ def gguf_folder(path: Path) -> Path:
 
     print(f"Dequantising {path.name} (once; cached in {folder})...", flush=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        from transformers import GgufConfig
+
+        # dequantize=True: plain float32 layers that LoRA can train and
+        # save_pretrained can write, whatever GGUF kernels are installed.
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32,
+            quantization_config=GgufConfig(gguf_file=path.name, dequantize=True),
+        )
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError, KeyError) as error:
         raise PeftgenError(f"Could not load the GGUF file {path}: {error}") from None
-    # The weights are plain float32 once loaded; only transformers' GGUF
-    # marker on the model forbids saving them, so drop the marker.
-    model.hf_quantizer = None
     if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
+        del model.config.quantization_config  # the saved folder is plain float32
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)

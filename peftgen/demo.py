@@ -38,7 +38,7 @@ MARKERS = (prepare_lib.BOS, prepare_lib.EOS, prepare_lib.PAD)
 class Recipe:
     """The demo's settings, tuned on the validation loss to finish in minutes on 2 CPU cores.
 
-    Why these values (see docs/prepare-and-demo.md for the runs behind them):
+    Why these values (the README's demo section lists the runs behind them):
     the sample's summaries average over 1,000 tokens; cut into pieces of at
     most 128 tokens each one keeps its <EOS>, and a short example puts four
     times as many <EOS> targets per token of training in front of the model as

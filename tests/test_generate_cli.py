@@ -125,7 +125,7 @@ def test_several_sequences_print_with_headers(tiny_gpt2, tmp_path):
     (["--decoder", "beam", "--num-return-sequences", "6"], "Decoder 'beam': num_return_sequences (6) is more than num_beams (5); beam search returns at most num_beams sequences per prompt. Lower --num-return-sequences or pass -o num_beams=6"),
     (["--decoder", "beam", "-o", "num_beams=0"], "Decoder 'beam' rejected its options: num_beams must be at least 1, got 0. Its options: num_beams (int, default 5), length_penalty (float, default 1.0), early_stopping (bool | 'never', default False)."),
     (["--prompt", " word" * 300], "The prompt is 300 tokens, but the model's context is 256 tokens and generation needs room for new ones. Shorten the prompt."),
-    (["--prompt", "Hi", "--max-new-tokens", "300"], "The prompt (1 tokens) plus --max-new-tokens 300 is 301 tokens, more than the model's context of 256. Use --max-new-tokens 255 or less."),
+    (["--prompt", "Hi", "--max-new-tokens", "300"], "The prompt (1 token) plus --max-new-tokens 300 is 301 tokens, more than the model's context of 256. Use --max-new-tokens 255 or less."),
     (["--stop-token", "two words"], "--stop-token 'two words' is 2 tokens ['two', 'Ġwords'], not one. A stop token must be a single token of the vocabulary, such as the eos token '<|endoftext|>'."),
     (["--prompt", "a", "--prompt-file", "p.txt"], "Pass --prompt or --prompt-file, not both."),
     (["--prompt-file", "missing.txt"], "--prompt-file missing.txt does not exist."),
@@ -204,3 +204,17 @@ def test_a_plugin_that_fails_to_import_is_a_warning(tmp_path):
 def test_without_a_length_it_generates_300_tokens_or_what_the_context_leaves(tiny_gpt2):
     row = lines(invoke("generate", "--model", tiny_gpt2, "--decoder", "greedy", "--prompt", "Hi", "--json"))[0]
     assert len(row["token_ids"]) == 256 - 1  # the tiny model's context is 256, the prompt 1 token
+
+
+def test_a_trained_run_starts_at_bos_and_stops_at_eos_by_default(make_run, tiny_gpt2):
+    """The article's workflow end to end: fine-tune on line-by-line text, then generate with
+    no --prompt and no --stop-token. A run trained on its lines for a while (each of which
+    ends in <EOS>) continues <BOS> with a sentence and stops at <EOS>."""
+    run = make_run("full", tiny_gpt2, max_steps=60, lr=2e-2, eval_steps=30, save_steps=60, logging_steps=10)
+    rows = lines(invoke("generate", "--model", run, "--decoder", "greedy", "--json"))
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["prompt"], row["finish_reason"]) == ("<BOS>", "stop")
+    assert row["token_ids"][-1] == tokenizer.convert_tokens_to_ids("<EOS>")
+    assert row["text"] == tokenizer.decode(row["token_ids"][:-1]) and "<EOS>" not in row["text"]

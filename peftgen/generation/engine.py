@@ -203,15 +203,19 @@ def check_context(model, prompt_tokens: int, max_new_tokens: int) -> None:
         return
     if prompt_tokens >= limit:
         raise PeftgenError(
-            f"The prompt is {prompt_tokens} tokens, but the model's context is {limit} tokens "
+            f"The prompt is {_tokens(prompt_tokens)}, but the model's context is {limit} tokens "
             "and generation needs room for new ones. Shorten the prompt."
         )
     if prompt_tokens + max_new_tokens > limit:
         raise PeftgenError(
-            f"The prompt ({prompt_tokens} tokens) plus --max-new-tokens {max_new_tokens} is "
+            f"The prompt ({_tokens(prompt_tokens)}) plus --max-new-tokens {max_new_tokens} is "
             f"{prompt_tokens + max_new_tokens} tokens, more than the model's context of {limit}. "
             f"Use --max-new-tokens {limit - prompt_tokens} or less."
         )
+
+
+def _tokens(count: int) -> str:
+    return f"{count} token" if count == 1 else f"{count} tokens"
 
 
 def _token_loop(engine: Engine, decoder: TokenDecoder, n: int, on_token) -> list[list[Completion]]:

@@ -93,6 +93,18 @@ def prepare_output_dir(config: config_lib.TrainConfig) -> Path:
     return folder
 
 
+def _final_evaluation(trainer) -> dict:
+    """The validation metrics of the final weights: those of the last step's scheduled
+    evaluation when there was one (no best-model reloading happens here), else a new one."""
+    step = trainer.state.global_step
+    for entry in reversed(trainer.state.log_history):
+        if "eval_loss" in entry:
+            if entry.get("step") == step:
+                return {key: value for key, value in entry.items() if key.startswith("eval_")}
+            break
+    return trainer.evaluate()
+
+
 def training_arguments(config: config_lib.TrainConfig, output: Path, precision: str, has_valid: bool, progress: bool) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(output),
@@ -173,7 +185,7 @@ def train(config: config_lib.TrainConfig, progress: bool = True) -> TrainResult:
     outcome = trainer.train(resume_from_checkpoint=True if config.resume else None)
     metrics = dict(outcome.metrics)
     if valid_set is not None:
-        metrics.update(trainer.evaluate())
+        metrics.update(_final_evaluation(trainer))
     metrics["wall_seconds"] = time.perf_counter() - started
 
     trainer.save_model(str(output))  # adapter (new rows included) or full model, plus tokenizer

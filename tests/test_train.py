@@ -88,6 +88,18 @@ def test_run_folder_holds_weights_tokenizer_config_and_curves(mode, tiny_gpt2, m
     assert metrics["eval_perplexity"] == pytest.approx(2.718281828 ** metrics["eval_loss"], rel=1e-6)
 
 
+@pytest.mark.parametrize("max_steps", [6, 5])
+def test_the_final_weights_are_evaluated_once(tiny_gpt2, make_run, max_steps):
+    """Evaluations every 3 steps; the last step is scheduled (6) or not (5): either way the
+    run's metrics are the final weights' and no evaluation of them is repeated."""
+    run = make_run("lora", tiny_gpt2, max_steps=max_steps)
+    history = json.loads((run / "log_history.json").read_text())
+    evaluated = [entry["step"] for entry in history if "eval_loss" in entry]
+    assert evaluated == [3, max_steps]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["eval_loss"] == next(e for e in reversed(history) if "eval_loss" in e)["eval_loss"]
+
+
 def test_adapter_stores_only_the_new_rows_not_the_whole_embedding(tiny_gpt2, make_run):
     from safetensors import safe_open
 

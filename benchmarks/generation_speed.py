@@ -85,7 +85,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, {args.dtype}; {SEQUENCES} sequences x {NEW} new tokens from <BOS>; median of {args.repeats}; "
-          f"load average {os.getloadavg()[0]:.2f} (other processes skew timings)")
+          f"load average {os.getloadavg()[0]:.2f} (other processes skew timings); "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     header = f"{'model':<8}{'decoder':<9}{'model.generate':>16}{'peftgen':>12}{'ratio':>8}{'cpu share':>11}"
     print(header + ("   no matmul swap" if args.ablation else ""))
     for shape in args.shapes:

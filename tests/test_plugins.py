@@ -115,6 +115,15 @@ def test_a_local_file_loads_with_plugin_and_with_the_environment(tmp_path, monke
         assert plugins.get_decoder("first").plugin == path
 
 
+def test_an_importable_module_loads_by_name(tmp_path, monkeypatch):
+    write_plugin(tmp_path, "first_by_name", LOCAL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with isolated_plugins():
+        plugins.load_plugins(["first_by_name"])
+        found = plugins.get_decoder("first")
+        assert (found.plugin, found.source) == ("first_by_name", "local")
+
+
 def test_a_plugin_that_fails_to_import_is_a_warning_and_the_others_still_work(tmp_path):
     path = write_plugin(tmp_path, "broken_decoder", "import no_such_module_at_all\n")
     with isolated_plugins(), pytest.warns(plugins.PluginWarning, match=r"Plugin '.*broken_decoder.py' failed to load and is skipped: ModuleNotFoundError"):

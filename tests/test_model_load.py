@@ -108,3 +108,33 @@ def test_8bit_without_bitsandbytes_says_how_to_install(monkeypatch, tiny_gpt2):
     monkeypatch.setattr(importlib.metadata, "version", version)
     with pytest.raises(PeftgenError, match=r"--mode 8bit needs bitsandbytes>=0\.47: pip install bitsandbytes"):
         model_lib.load_pretrained(str(tiny_gpt2), quantize_8bit=True)
+
+
+@pytest.mark.parametrize("base", ["tiny_gpt2", "tiny_llama"])
+def test_the_new_eos_starts_as_the_base_models_own_end_token(base, request):
+    """<EOS> begins as a copy of <|endoftext|> (input row, and output row when untied), so the
+    untrained model already predicts <EOS> where it would have ended its text; <BOS> and <PAD>
+    begin as average rows."""
+    from transformers import AutoTokenizer
+
+    folder = request.getfixturevalue(base)
+    old_eos = AutoTokenizer.from_pretrained(folder).eos_token_id
+    model, tokenizer = model_lib.load(folder, special_tokens=("<BOS>", "<EOS>", "<PAD>"))
+    eos, bos, pad = (tokenizer.convert_tokens_to_ids(t) for t in ("<EOS>", "<BOS>", "<PAD>"))
+    assert eos != old_eos
+    for matrix in {id(m): m for m in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}.values():
+        assert torch.equal(matrix[eos], matrix[old_eos])
+        assert not torch.equal(matrix[bos], matrix[old_eos]) and not torch.equal(matrix[pad], matrix[old_eos])
+    last = logits(model, torch.tensor([[464, 2068, 7586]]))[0, -1]
+    assert last[eos] == last[old_eos]
+
+
+def test_a_base_without_an_end_token_gets_an_average_eos(tiny_gpt2):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    tokenizer.eos_token = None
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    model_lib.add_special_tokens(model, tokenizer, "<BOS>", "<EOS>", "<PAD>")
+    rows = model.get_input_embeddings().weight
+    assert not (rows[:50257] == rows[tokenizer.eos_token_id]).all(dim=-1).any()  # a copy of no existing row

@@ -72,6 +72,12 @@ class Sample:
     text: str
     tokens: int
     finish_reason: str  # "stop": ended at <EOS>; "length": hit max_new_tokens
+    options: dict = field(default_factory=dict)  # what the decoder ran with beyond its defaults
+
+    @property
+    def label(self) -> str:
+        """The decoder as it would be asked for: 'beam -o no_repeat_ngram_size=3'."""
+        return " ".join([self.decoder, *(f"-o {key}={value}" for key, value in self.options.items())])
 
 
 @dataclass
@@ -102,6 +108,11 @@ def _check_disjoint(train_file: Path, test_file: Path) -> None:
         raise AssertionError(f"{len(shared)} test example(s) are also in {train_file}")
 
 
+# Options the demo's samples use instead of a decoder's defaults. Beam search on open-ended
+# text otherwise finds one likely sentence and repeats it until the length limit.
+SAMPLE_OPTIONS = {"beam": {"no_repeat_ngram_size": 3}}
+
+
 def generate_samples(model, tokenizer, max_new_tokens: int, seed: int) -> list[Sample]:
     """One sample per installed decoder, each from <BOS> alone, stopping at <EOS>."""
     from peftgen import plugins
@@ -109,7 +120,8 @@ def generate_samples(model, tokenizer, max_new_tokens: int, seed: int) -> list[S
 
     samples = []
     for name, info in sorted(plugins.get_decoders().items()):
-        decoder = build_decoder(info.cls, {})  # each decoder's own defaults
+        options = SAMPLE_OPTIONS.get(name, {})
+        decoder = build_decoder(info.cls, options)  # each decoder's own defaults, but for SAMPLE_OPTIONS
         completion = generate(
             model, [[tokenizer.bos_token_id]], decoder, max_new_tokens=max_new_tokens,
             stop_tokens=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, seed=seed,
@@ -118,7 +130,7 @@ def generate_samples(model, tokenizer, max_new_tokens: int, seed: int) -> list[S
         # Special tokens stay visible: an instruct model such as SmolLM2 may still
         # close a summary with its own end-of-turn token (<|im_end|>) instead of <EOS>.
         text = tokenizer.decode(ids, skip_special_tokens=False).strip()
-        samples.append(Sample(name, text, len(completion.token_ids), completion.finish_reason))
+        samples.append(Sample(name, text, len(completion.token_ids), completion.finish_reason, options))
     return samples
 
 
@@ -156,7 +168,7 @@ def _results_markdown(result: DemoResult, model: str, recipe: Recipe) -> str:
     ]
     for s in result.samples:
         end = "ended at <EOS>" if s.finish_reason == "stop" else f"stopped at the length limit ({s.tokens} tokens)"
-        lines += [f"### {s.decoder}: {end}", "", s.text or "(empty)", ""]
+        lines += [f"### {s.label}: {end}", "", s.text or "(empty)", ""]
     return "\n".join(lines)
 
 
@@ -242,7 +254,7 @@ def run(
     seconds["generate"] = time.perf_counter() - tick
     for s in samples:
         end = "ended at <EOS>" if s.finish_reason == "stop" else f"hit the length limit, {s.tokens} tokens"
-        echo(f"\n--- {s.decoder} ({end})\n{s.text}")
+        echo(f"\n--- {s.label} ({end})\n{s.text}")
 
     seconds["total"] = time.perf_counter() - started
     result = DemoResult(out, before, after, trained, samples, seconds)

@@ -27,6 +27,7 @@ from peftgen.testing import check_decoder, tiny_model
     (BeamSearch, {}),
     (BeamSearch, {"num_beams": 3, "length_penalty": -1.0, "early_stopping": "never"}),
     (BeamSearch, {"num_beams": 2, "early_stopping": True}),
+    (BeamSearch, {"num_beams": 3, "no_repeat_ngram_size": 2}),
 ], ids=lambda value: str(value) if isinstance(value, dict) else value.name)
 def test_builtins_pass_the_conformance_kit(cls, options):
     check_decoder(cls, **options)
@@ -187,6 +188,7 @@ def test_the_chi_square_check_can_fail():
     (TopP, {"p": "0"}, "Decoder 'topp' rejected its options: p must be in (0, 1], got 0.0."),
     (TopP, {"p": "1.5"}, "Decoder 'topp' rejected its options: p must be in (0, 1], got 1.5."),
     (BeamSearch, {"num_beams": "0"}, "Decoder 'beam' rejected its options: num_beams must be at least 1, got 0."),
+    (BeamSearch, {"no_repeat_ngram_size": "-1"}, "Decoder 'beam' rejected its options: no_repeat_ngram_size must be 0 (off) or more, got -1."),
     (BeamSearch, {"early_stopping": "sometimes"}, "Option early_stopping='sometimes' of decoder 'beam': expected bool | 'never'."),
     (TopK, {"k": "many"}, "Option k='many' of decoder 'topk': expected an int."),
     (TopK, {"kk": "5"}, "Decoder 'topk' has no option 'kk'. Its options: k (int, default 50), temperature (float, default 1.0), p (float, default 1.0)."),

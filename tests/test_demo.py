@@ -69,7 +69,9 @@ def test_run_folder_has_curves_results_and_a_sample_per_decoder(demo_run):
     for s in result.samples:
         assert s.finish_reason in ("stop", "length") and 0 < s.tokens <= 12 and "<EOS>" not in s.text
         ending = "ended at <EOS>" if s.finish_reason == "stop" else f"stopped at the length limit ({s.tokens} tokens)"
-        assert f"### {s.decoder}: {ending}" in markdown
+        assert f"### {s.label}: {ending}" in markdown
+    beam = next(s for s in result.samples if s.decoder == "beam")
+    assert beam.label == "beam -o no_repeat_ngram_size=3"  # repetition-free beam search, as the README shows
     assert "[6/6] Samples from <BOS>" in printed
 
 

@@ -75,20 +75,24 @@ def test_greedy_equals_generate_token_for_token(model):
     assert reasons == {"stop", "length"}
 
 
-BEAM_SETTINGS = [  # num_beams, length_penalty, early_stopping, num_return_sequences
-    (2, 1.0, False, 1),
-    (4, 1.0, False, 4),
-    (3, 2.0, True, 2),
-    (4, -1.0, True, 3),
-    (3, 0.0, "never", 3),
-    (4, 1.5, "never", 2),
-    (1, 1.0, False, 1),
+BEAM_SETTINGS = [  # num_beams, length_penalty, early_stopping, num_return_sequences, no_repeat_ngram_size
+    (2, 1.0, False, 1, 0),
+    (4, 1.0, False, 4, 0),
+    (3, 2.0, True, 2, 0),
+    (4, -1.0, True, 3, 0),
+    (3, 0.0, "never", 3, 0),
+    (4, 1.5, "never", 2, 0),
+    (1, 1.0, False, 1, 0),
+    (3, 1.0, False, 3, 2),
+    (4, 1.0, "never", 2, 3),
+    (1, 1.0, False, 1, 2),
 ]
 
 
-@pytest.mark.parametrize("num_beams, length_penalty, early_stopping, n", BEAM_SETTINGS)
-def test_beam_equals_generate_token_for_token_and_in_order(model, num_beams, length_penalty, early_stopping, n):
-    settings = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping)
+@pytest.mark.parametrize("num_beams, length_penalty, early_stopping, n, ngram", BEAM_SETTINGS)
+def test_beam_equals_generate_token_for_token_and_in_order(model, num_beams, length_penalty, early_stopping, n, ngram):
+    settings = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                    no_repeat_ngram_size=ngram)
     free = generate(model, PROMPTS, BeamSearch(**settings), max_new_tokens=NEW, num_return_sequences=n)
     changed = False
     for stop in _stop_sets(model, **settings):
@@ -99,11 +103,31 @@ def test_beam_equals_generate_token_for_token_and_in_order(model, num_beams, len
         assert all(len(completions) == n for completions in ours)
         changed |= ours != free
     assert changed  # the stop tokens mattered: the finished-hypotheses bookkeeping was exercised
+    if ngram:
+        for prompt, completions in zip(PROMPTS, free):
+            for completion in completions:
+                assert not _repeated_ngrams(prompt + completion.token_ids, ngram)
+
+
+def _repeated_ngrams(tokens: list[int], n: int) -> set[tuple[int, ...]]:
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return {gram for gram in grams if grams.count(gram) > 1}
+
+
+def test_no_repeat_ngram_size_changes_what_beam_search_repeats():
+    """The check above can fail: a bigram model's beams repeat n-grams unless told not to."""
+    generator = torch.Generator().manual_seed(0)
+    model = bigram_model(torch.randn(12, 12, generator=generator) * 3)
+    plain, banned = (generate(model, [[1]], BeamSearch(num_beams=2, no_repeat_ngram_size=size), max_new_tokens=12)[0][0]
+                     for size in (0, 2))
+    assert _repeated_ngrams([1] + plain.token_ids, 2)
+    assert not _repeated_ngrams([1] + banned.token_ids, 2)
 
 
 @pytest.mark.parametrize("table_seed", [0, 1, 2])
 @pytest.mark.parametrize("early_stopping", [False, True, "never"])
-def test_beam_equals_generate_on_a_bigram_model_where_lengths_compete(table_seed, early_stopping):
+@pytest.mark.parametrize("ngram", [0, 2])
+def test_beam_equals_generate_on_a_bigram_model_where_lengths_compete(table_seed, early_stopping, ngram):
     """Random models rarely let a short finished hypothesis lose to a longer one; a peaked
     bigram table over 12 tokens does, exercising every branch of the finished-beam bookkeeping.
     The small position bias breaks exact ties between reorderings of the same transitions;
@@ -115,7 +139,8 @@ def test_beam_equals_generate_on_a_bigram_model_where_lengths_compete(table_seed
     for boost in (0.0, 4.0):
         model = bigram_model(table + boost * (torch.arange(12) % 7 == 0)[:, None], position_bias)  # tokens 0 and 7
         for num_beams, length_penalty, stop in itertools.product((2, 3), (-1.0, 0.0, 1.0, 2.0), ([0], [0, 7])):
-            settings = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping)
+            settings = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                            no_repeat_ngram_size=ngram)
             ours = generate(model, prompts, BeamSearch(**settings), max_new_tokens=10,
                             num_return_sequences=num_beams, stop_tokens=stop, pad_token_id=0)
             out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=10, pad_token_id=0,

@@ -15,16 +15,27 @@ class BeamSearch(SequenceDecoder):
     length_penalty > 0 favours longer ones. early_stopping: True stops once num_beams hypotheses
     have finished; False stops when the best live beam, scored at its current length, cannot beat
     the worst kept hypothesis; "never" only when no live beam can, even at the maximum length.
+    no_repeat_ngram_size > 0 forbids any n-gram of that many tokens to occur twice in a
+    hypothesis (prompt included), the usual cure for beam search repeating itself.
     """
 
     name = "beam"
 
-    def __init__(self, num_beams: int = 5, length_penalty: float = 1.0, early_stopping: bool | Literal["never"] = False):
+    def __init__(
+        self,
+        num_beams: int = 5,
+        length_penalty: float = 1.0,
+        early_stopping: bool | Literal["never"] = False,
+        no_repeat_ngram_size: int = 0,
+    ):
         if num_beams < 1:
             raise ValueError(f"num_beams must be at least 1, got {num_beams}")
         if early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be true, false or never, got {early_stopping!r}")
+        if no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be 0 (off) or more, got {no_repeat_ngram_size}")
         self.num_beams, self.length_penalty, self.early_stopping = num_beams, length_penalty, early_stopping
+        self.no_repeat_ngram_size = no_repeat_ngram_size
 
     def validate(self, num_return_sequences: int) -> None:
         if num_return_sequences > self.num_beams:
@@ -58,10 +69,12 @@ class BeamSearch(SequenceDecoder):
 
         logits = engine.start(expand=K)  # (B*K, V)
         V = logits.shape[-1]
+        ban = self._ngram_ban(engine, K)
         for t in range(new):
             if t > 0:
                 logits = engine.step(running[:, :, t - 1].reshape(-1))
-            scores = torch.log_softmax(logits, dim=-1).view(B, K, V) + running_scores[:, :, None]  # (B, K, V)
+            logp = ban(running.reshape(B * K, new)[:, :t], torch.log_softmax(logits, dim=-1))  # (B*K, V)
+            scores = logp.view(B, K, V) + running_scores[:, :, None]  # (B, K, V)
             cand_scores, flat = scores.view(B, K * V).topk(C)  # (B, C) best first
             parent, token = flat // V, flat % V  # the beam each candidate extends, and with which token
             cand = _gather(running, parent)  # (B, C, new)
@@ -110,14 +123,30 @@ class BeamSearch(SequenceDecoder):
         tokens = torch.full((B, new), engine.pad_token_id, dtype=torch.long, device=engine.device)
         finished = torch.zeros(B, dtype=torch.bool, device=engine.device)
         logits = engine.start()
+        ban = self._ngram_ban(engine, 1)
         for t in range(new):
-            tokens[:, t] = logits.argmax(dim=-1).masked_fill(finished, engine.pad_token_id)
+            tokens[:, t] = ban(tokens[:, :t], logits).argmax(dim=-1).masked_fill(finished, engine.pad_token_id)
             finished |= torch.isin(tokens[:, t], engine.stop_tokens)
             if bool(finished.all()):
                 break
             if t + 1 < new:
                 logits = engine.step(tokens[:, t])
         return [[engine.completion(row)] for row in tokens[:, : t + 1].tolist()]
+
+
+    def _ngram_ban(self, engine, rows_per_prompt: int):
+        """``ban(generated (N, t), scores (N, V))``: scores with repeated n-grams set to -inf.
+
+        transformers' own NoRepeatNGramLogitsProcessor, applied as generate applies it: to each
+        row's prompt (left padding included) followed by its generated tokens.
+        """
+        if not self.no_repeat_ngram_size:
+            return lambda generated, scores: scores
+        from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+        processor = NoRepeatNGramLogitsProcessor(self.no_repeat_ngram_size)
+        prompts = engine.prompt_ids.repeat_interleave(rows_per_prompt, dim=0)  # (N, T0)
+        return lambda generated, scores: processor(torch.cat([prompts, generated], dim=1), scores)
 
 
 def _gather(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -66,7 +66,7 @@ def test_the_guides_own_test_file_passes(typical_files):
 
 
 def test_the_sequence_decoder_example_passes_the_kit_and_runs(tmp_path, tiny_gpt2):
-    (block,) = python_blocks("### Sequence decoders")
+    block, _ = python_blocks("### Sequence decoders")
     path = tmp_path / "sample_and_rank.py"
     path.write_text(block, encoding="utf-8")
     namespace: dict = {}
@@ -89,3 +89,59 @@ def test_the_from_python_example_runs_on_a_trained_run(make_run, tiny_gpt2):
     lines = printed.getvalue().splitlines()
     assert len(lines) == 5
     assert all(line.split(" ", 1)[0] in ("stop", "length") for line in lines)
+
+
+@pytest.fixture
+def diverse_beam(tmp_path):
+    """The README's diverse beam search: its file, and its class."""
+    _, block = python_blocks("### Sequence decoders")
+    path = tmp_path / "diverse_beam.py"
+    path.write_text(block, encoding="utf-8")
+    namespace: dict = {}
+    exec(compile(block, str(path), "exec"), namespace)
+    return path, namespace["DiverseBeam"]
+
+
+def test_diverse_beam_passes_the_kit(diverse_beam):
+    _, cls = diverse_beam
+    check_decoder(cls)
+    check_decoder(cls, num_beams=4, num_groups=1, diversity_penalty=0.0)
+
+
+@pytest.mark.parametrize("num_beams", [2, 3, 4])
+def test_diverse_beam_with_one_group_and_no_penalty_is_beam_search(diverse_beam, num_beams):
+    from peftgen.decoders.beam import BeamSearch
+    from peftgen.generation import generate
+    from peftgen.testing import tiny_model
+
+    _, cls = diverse_beam
+    prompts = [[1, 2, 3], [7]]
+    ours = generate(tiny_model(), prompts, cls(num_beams=num_beams, num_groups=1, diversity_penalty=0.0),
+                    max_new_tokens=10, num_return_sequences=num_beams)
+    beam = generate(tiny_model(), prompts, BeamSearch(num_beams=num_beams), max_new_tokens=10,
+                    num_return_sequences=num_beams)
+    assert [[c.token_ids for c in per_prompt] for per_prompt in ours] == [[c.token_ids for c in per_prompt] for per_prompt in beam]
+
+
+def test_diverse_beam_groups_start_differently_where_beams_do_not(diverse_beam):
+    from peftgen.decoders.beam import BeamSearch
+    from peftgen.generation import generate
+    from peftgen.testing import tiny_model
+
+    _, cls = diverse_beam
+    diverse = generate(tiny_model(), [[5]], cls(num_beams=4, num_groups=4, diversity_penalty=100.0),
+                       max_new_tokens=8, num_return_sequences=4)[0]
+    plain = generate(tiny_model(), [[5]], BeamSearch(num_beams=4), max_new_tokens=8, num_return_sequences=4)[0]
+    assert len({c.token_ids[0] for c in plain}) == 1  # plain beams all share their first token here
+    assert len({c.token_ids[0] for c in diverse}) == 4
+
+
+def test_diverse_beam_runs_from_the_command_line(diverse_beam, tiny_gpt2):
+    path, _ = diverse_beam
+    result = runner.invoke(app, ["generate", "--model", str(tiny_gpt2), "--plugin", str(path), "--decoder", "diverse-beam",
+                                 "-o", "num_groups=2", "-o", "num_beams=4", "--num-return-sequences", "4",
+                                 "--length", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 4 and all(row["decoder"] == "diverse-beam" for row in rows)
+    assert rows[0]["options"] == {"num_beams": 4, "num_groups": 2, "diversity_penalty": 1.0}

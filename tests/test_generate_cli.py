@@ -206,13 +206,12 @@ def test_without_a_length_it_generates_300_tokens_or_what_the_context_leaves(tin
     assert len(row["token_ids"]) == 256 - 1  # the tiny model's context is 256, the prompt 1 token
 
 
-def test_a_trained_run_starts_at_bos_and_stops_at_eos_by_default(make_run, tiny_gpt2):
+def test_a_trained_run_starts_at_bos_and_stops_at_eos_by_default(learnt_run):
     """The article's workflow end to end: fine-tune on line-by-line text, then generate with
     no --prompt and no --stop-token. A run trained on its lines for a while (each of which
     ends in <EOS>) continues <BOS> with a sentence and stops at <EOS>."""
-    run = make_run("full", tiny_gpt2, max_steps=60, lr=2e-2, eval_steps=30, save_steps=60, logging_steps=10)
-    rows = lines(invoke("generate", "--model", run, "--decoder", "greedy", "--json"))
-    tokenizer = AutoTokenizer.from_pretrained(run)
+    rows = lines(invoke("generate", "--model", learnt_run, "--decoder", "greedy", "--json"))
+    tokenizer = AutoTokenizer.from_pretrained(learnt_run)
     assert len(rows) == 1
     row = rows[0]
     assert (row["prompt"], row["finish_reason"]) == ("<BOS>", "stop")

@@ -3,7 +3,7 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftgen import model as model_lib
 from peftgen.errors import PeftgenError
@@ -115,8 +115,6 @@ def test_the_new_eos_starts_as_the_base_models_own_end_token(base, request):
     """<EOS> begins as a copy of <|endoftext|> (input row, and output row when untied), so the
     untrained model already predicts <EOS> where it would have ended its text; <BOS> and <PAD>
     begin as average rows."""
-    from transformers import AutoTokenizer
-
     folder = request.getfixturevalue(base)
     old_eos = AutoTokenizer.from_pretrained(folder).eos_token_id
     model, tokenizer = model_lib.load(folder, special_tokens=("<BOS>", "<EOS>", "<PAD>"))
@@ -130,8 +128,6 @@ def test_the_new_eos_starts_as_the_base_models_own_end_token(base, request):
 
 
 def test_a_base_without_an_end_token_gets_an_average_eos(tiny_gpt2):
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
     tokenizer.eos_token = None
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)

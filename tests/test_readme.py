@@ -14,7 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from peftgen.cli import app
-from peftgen.testing import check_decoder, isolated_plugins
+from peftgen.decoders.beam import BeamSearch
+from peftgen.generation import generate
+from peftgen.testing import check_decoder, isolated_plugins, tiny_model
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 runner = CliRunner()
@@ -27,6 +29,14 @@ def python_blocks(after_heading: str) -> list[str]:
     following = re.search(r"\n##+ ", text[start + len(after_heading):])
     section = text[start : start + len(after_heading) + following.start()] if following else text[start:]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def plugin_file(block: str, path: Path) -> dict:
+    """Write a README block to ``path`` (for --plugin) and run it; returns its namespace."""
+    path.write_text(block, encoding="utf-8")
+    namespace: dict = {}
+    exec(compile(block, str(path), "exec"), namespace)
+    return namespace
 
 
 @pytest.fixture(autouse=True)
@@ -68,10 +78,7 @@ def test_the_guides_own_test_file_passes(typical_files):
 def test_the_sequence_decoder_example_passes_the_kit_and_runs(tmp_path, tiny_gpt2):
     block, _ = python_blocks("### Sequence decoders")
     path = tmp_path / "sample_and_rank.py"
-    path.write_text(block, encoding="utf-8")
-    namespace: dict = {}
-    exec(compile(block, str(path), "exec"), namespace)
-    check_decoder(namespace["SampleAndRank"])
+    check_decoder(plugin_file(block, path)["SampleAndRank"])
     result = runner.invoke(app, ["generate", "--model", str(tiny_gpt2), "--plugin", str(path), "--decoder", "sample-and-rank",
                                  "--num-return-sequences", "3", "--length", "6", "--seed", "0", "--json"])
     assert result.exit_code == 0, result.output
@@ -96,10 +103,7 @@ def diverse_beam(tmp_path):
     """The README's diverse beam search: its file, and its class."""
     _, block = python_blocks("### Sequence decoders")
     path = tmp_path / "diverse_beam.py"
-    path.write_text(block, encoding="utf-8")
-    namespace: dict = {}
-    exec(compile(block, str(path), "exec"), namespace)
-    return path, namespace["DiverseBeam"]
+    return path, plugin_file(block, path)["DiverseBeam"]
 
 
 def test_diverse_beam_passes_the_kit(diverse_beam):
@@ -110,10 +114,6 @@ def test_diverse_beam_passes_the_kit(diverse_beam):
 
 @pytest.mark.parametrize("num_beams", [2, 3, 4])
 def test_diverse_beam_with_one_group_and_no_penalty_is_beam_search(diverse_beam, num_beams):
-    from peftgen.decoders.beam import BeamSearch
-    from peftgen.generation import generate
-    from peftgen.testing import tiny_model
-
     _, cls = diverse_beam
     prompts = [[1, 2, 3], [7]]
     ours = generate(tiny_model(), prompts, cls(num_beams=num_beams, num_groups=1, diversity_penalty=0.0),
@@ -124,10 +124,6 @@ def test_diverse_beam_with_one_group_and_no_penalty_is_beam_search(diverse_beam,
 
 
 def test_diverse_beam_groups_start_differently_where_beams_do_not(diverse_beam):
-    from peftgen.decoders.beam import BeamSearch
-    from peftgen.generation import generate
-    from peftgen.testing import tiny_model
-
     _, cls = diverse_beam
     diverse = generate(tiny_model(), [[5]], cls(num_beams=4, num_groups=4, diversity_penalty=100.0),
                        max_new_tokens=8, num_return_sequences=4)[0]

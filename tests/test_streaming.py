@@ -1,6 +1,8 @@
 """A single sequence streams: each token's text is printed as soon as it is complete."""
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from peftgen.decoders.topk import TopK
+from peftgen.generation import generate
 from peftgen.generation.text import Streamer
 
 
@@ -28,11 +30,6 @@ def test_nothing_streams_from_the_stop_token_on(gpt2_tokenizer_dir):
 
 
 def test_tokens_reach_the_caller_while_generation_is_still_running(tiny_gpt2):
-    from transformers import AutoModelForCausalLM
-
-    from peftgen.decoders.topk import TopK
-    from peftgen.generation import generate
-
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
     forwards, seen = [], []
     hook = model.register_forward_hook(lambda *args: forwards.append(1))

@@ -133,7 +133,6 @@ class BeamSearch(SequenceDecoder):
                 logits = engine.step(tokens[:, t])
         return [[engine.completion(row)] for row in tokens[:, : t + 1].tolist()]
 
-
     def _ngram_ban(self, engine, rows_per_prompt: int):
         """``ban(generated (N, t), scores (N, V))``: scores with repeated n-grams set to -inf.
 

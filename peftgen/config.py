@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +32,27 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # LoRA adapters and brand-new embedding rows start from zero or noise and need
 # a larger step to move in a few epochs.
 DEFAULT_LR = {"full": 5e-5, "lora": 2e-4, "8bit": 2e-4}
+
+# Bounds that catch a typo before a library fails on it mid-run: no device
+# holds a per-device batch above MAX_BATCH (use grad_accum for larger
+# effective batches), counts must fit the C ints of torch and the
+# tokenizers, and transformers' set_seed also seeds numpy, whose seeds are
+# 0 .. 2**32 - 1.
+MAX_BATCH = 65536
+MAX_COUNT = 2**31 - 1
+MAX_EPOCHS = 1e6
+SEED_LIMIT = 2**32
+# pip names of report_to integrations whose package is not named like the integration.
+_REPORT_TO_PACKAGES = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "flyte": "flytekit"}
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to ``limit`` characters: an error echoes a value, never a 39 MB alias bomb."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass
@@ -68,21 +92,59 @@ class TrainConfig:
         return self.lr if self.lr is not None else DEFAULT_LR[self.mode]
 
     def validate(self) -> "TrainConfig":
+        """Refuse, before any model is loaded, every value a library would reject later or that makes a useless run."""
+        _check_finite_and_clean(self)
         if self.mode not in MODES:
-            raise PeftgenError(f"Unknown mode {self.mode!r}. Choose one of: {', '.join(MODES)}.")
+            raise PeftgenError(f"Unknown mode {short(self.mode)}. Choose one of: {', '.join(MODES)}.")
         if self.precision not in PRECISIONS:
             raise PeftgenError(
-                f"Unknown precision {self.precision!r}. Choose one of: {', '.join(PRECISIONS)}."
+                f"Unknown precision {short(self.precision)}. Choose one of: {', '.join(PRECISIONS)}."
             )
         if not self.train_file:
             raise PeftgenError("No training data: pass --train-file FILE (or train_file: in the YAML).")
-        for name in ("batch_size", "grad_accum", "max_length", "eval_steps", "save_steps", "lora_r"):
+        if not self.output_dir:
+            raise PeftgenError("output_dir is empty: pass --output-dir FOLDER (or output_dir: in the YAML).")
+        counts = ("batch_size", "grad_accum", "max_length", "eval_steps", "save_steps", "logging_steps", "lora_r", "lora_alpha")
+        for name in counts:
             if getattr(self, name) < 1:
                 raise PeftgenError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        for name in (*counts, "max_steps", "warmup_steps"):
+            if getattr(self, name) > MAX_COUNT:
+                raise PeftgenError(f"{name} must be at most {MAX_COUNT}, got {getattr(self, name)}.")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) > MAX_BATCH:
+                raise PeftgenError(
+                    f"{name} {getattr(self, name)} is larger than any device holds (at most {MAX_BATCH}). "
+                    "Use a smaller batch_size; grad_accum multiplies it into a larger effective batch."
+                )
         if self.max_length < 3:
             raise PeftgenError(f"max_length must leave room for <BOS>, text and <EOS>; got {self.max_length}.")
+        if self.warmup_steps < 0:
+            raise PeftgenError(f"warmup_steps must be 0 or more, got {self.warmup_steps}.")
+        if self.max_steps < -1:
+            raise PeftgenError(f"max_steps must be -1 (train for epochs) or a number of updates, got {self.max_steps}.")
+        if self.epochs < 0 or self.epochs > MAX_EPOCHS or (self.epochs == 0 and self.max_steps <= 0):
+            raise PeftgenError(f"epochs must be above 0 and at most {MAX_EPOCHS:g}, got {self.epochs:g}. Try 3 to 5.")
+        if self.lr is not None and self.lr <= 0:
+            raise PeftgenError(f"lr must be above 0, got {self.lr:g}. Typical: 5e-5 for full, 2e-4 for lora and 8bit.")
+        if self.weight_decay < 0:
+            raise PeftgenError(f"weight_decay must be 0 or more, got {self.weight_decay:g}. Typical: 0 or 0.01.")
+        if not 0 <= self.lora_dropout < 1:
+            raise PeftgenError(f"lora_dropout is a probability in [0, 1), got {self.lora_dropout:g}. Typical: 0.05.")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise PeftgenError(f"seed must be between 0 and {SEED_LIMIT - 1}, got {self.seed}.")
+        for name in ("bos_token", "eos_token", "pad_token"):
+            token = getattr(self, name)
+            if not token or token != token.strip() or "\n" in token or "\r" in token:
+                raise PeftgenError(
+                    f"{name} must be a non-empty marker without surrounding whitespace or line breaks, "
+                    f"got {short(token)}. Default: {FIELDS[name].default}."
+                )
         if len({self.bos_token, self.eos_token, self.pad_token}) != 3:
             raise PeftgenError("bos_token, eos_token and pad_token must be three different strings.")
+        if self.target_modules is not None and not all(name.strip() for name in self.target_modules):
+            raise PeftgenError(f"target_modules holds an empty name: {short(self.target_modules)}.")
+        _check_report_to(self.report_to)
         if self.resume and self.overwrite:
             raise PeftgenError("--resume continues the run in the output folder; --overwrite deletes it. Pick one.")
         return self
@@ -95,6 +157,42 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _check_finite_and_clean(config: TrainConfig) -> None:
+    """Whatever the field: numbers finite and within 64 bits, text free of NUL bytes."""
+    for name in FIELDS:
+        value = getattr(config, name)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, bool) or item is None:
+                continue
+            if isinstance(item, float) and not math.isfinite(item):
+                raise PeftgenError(f"{name} must be a finite number, got {item}.")
+            if isinstance(item, int) and abs(item) >= 2**63:
+                raise PeftgenError(f"{name} {short(item)} is far too large.")
+            if isinstance(item, str) and "\0" in item:
+                raise PeftgenError(f"{name} contains a NUL byte: {short(item)}.")
+
+
+def _check_report_to(names: list[str]) -> None:
+    """Each tracker must be one transformers integrates, and installed."""
+    wanted = [name for name in names if name not in ("none", "all")]
+    if not wanted:
+        return
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    for name in wanted:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise PeftgenError(
+                f"Unknown report_to {short(name)}. Choose from: {', '.join(sorted(INTEGRATION_TO_CALLBACK))} (or none)."
+            )
+    available = get_available_reporting_integrations()
+    for name in wanted:
+        if name not in available:
+            raise PeftgenError(
+                f"report_to {name} needs its package, which is not installed: pip install {_REPORT_TO_PACKAGES.get(name, name)}"
+            )
 
 
 def _type_name(hint) -> str:
@@ -123,10 +221,12 @@ def _check_type(key: str, value: Any, hint, where: str) -> Any:
             return value
     elif hint is float and isinstance(value, (int, float)):
         return float(value)
+    elif hint is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
     elif isinstance(value, hint):
         return value
     raise PeftgenError(
-        f"{where}: '{key}' must be {_type_name(hint)}, got {value!r} ({type(value).__name__})."
+        f"{where}: '{key}' must be {_type_name(hint)}, got {short(value)} ({type(value).__name__})."
     )
 
 
@@ -134,11 +234,11 @@ def apply(config: TrainConfig, values: dict[str, Any], where: str) -> TrainConfi
     """A copy of config with values set, after checking each key and type."""
     updates = {}
     for key, value in values.items():
-        name = key.replace("-", "_")
+        name = key.replace("-", "_") if isinstance(key, str) else key
         if name not in FIELDS:
-            close = difflib.get_close_matches(name, FIELDS, n=1)
+            close = difflib.get_close_matches(name, FIELDS, n=1) if isinstance(name, str) else []
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise PeftgenError(f"{where}: unknown key '{key}'.{hint} Valid keys: {', '.join(FIELDS)}.")
+            raise PeftgenError(f"{where}: unknown key {short(key, 60)}.{hint} Valid keys: {', '.join(FIELDS)}.")
         updates[name] = _check_type(name, value, _HINTS[name], where)
     return dataclasses.replace(config, **updates)
 
@@ -148,9 +248,20 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise PeftgenError(f"Config file not found: {path}. Check the path given to --config.")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise PeftgenError(f"Config file {path} is not UTF-8 text (byte {error.start}). Save it as UTF-8.") from None
+    except OSError as error:
+        raise PeftgenError(f"Cannot read config file {path}: {error.strerror or error}.") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise PeftgenError(f"{path} is not valid YAML: {error}") from None
+        detail = " ".join(str(error).split())
+        raise PeftgenError(f"{path} is not valid YAML: {detail[:200]}") from None
+    except RecursionError:
+        raise PeftgenError(f"{path} is nested too deeply to be a config: keys map to plain values.") from None
+    except (ValueError, OverflowError) as error:  # e.g. a date like 2020-13-01, a 5000-digit number
+        raise PeftgenError(f"{path} holds a value YAML cannot read: {str(error)[:200]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

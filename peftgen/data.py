@@ -14,10 +14,14 @@ and teach the model to emit a space before stopping). Markers inside a line
 are left to the tokenizer, which maps them to their special ids.
 
 Lines longer than ``max_length`` tokens are cut; a cut example keeps ``<BOS>``
-but loses its ``<EOS>``, since it did not end there.
+but loses its ``<EOS>``, since it did not end there. A line holding the pad
+marker is skipped with a warning: its ``<PAD>`` would become a label, and the
+model would learn to emit padding.
 """
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,25 +30,99 @@ import torch
 from peftgen.errors import PeftgenError
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips
+MAX_LISTED = 20  # line numbers named in a warning
+NEWLINE = b"\n"
+
+# Leading bytes of files that are not text, so the error can say what the file is.
+MAGIC = {
+    b"\x1f\x8b": "gzip-compressed",
+    b"PK\x03\x04": "a zip archive",
+    b"BZh": "bzip2-compressed",
+    b"\xfd7zXZ\x00": "xz-compressed",
+    b"\x28\xb5\x2f\xfd": "zstd-compressed",
+    b"\xff\xfe": "UTF-16 text",
+    b"\xfe\xff": "UTF-16 text",
+}
 
 
-def read_lines(path: str | Path, what: str = "data file") -> list[str]:
-    """The non-blank lines of a UTF-8 text file, with clear errors for unusable files."""
+def not_text_reason(head: bytes) -> str | None:
+    """What a file is if its first bytes say it is not UTF-8 text (compressed, UTF-16, binary), else None."""
+    for magic, kind in MAGIC.items():
+        if head.startswith(magic):
+            return kind
+    if b"\0" in head:
+        return "binary, or UTF-16 without a byte-order mark: it holds NUL bytes"
+    return None
+
+
+def _numbered_lines(path: str | Path, what: str) -> list[tuple[int, str]]:
+    """(1-based line number, stripped line) of each non-blank line of a UTF-8 text file."""
     path = Path(path)
     if not path.exists():
         raise PeftgenError(f"The {what} {path} does not exist. Check the path.")
     if path.is_dir():
         raise PeftgenError(f"The {what} {path} is a folder; pass a text file with one example per line.")
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise PeftgenError(f"Cannot read the {what} {path}: {error.strerror or error}.") from None
+    nul = raw.find(b"\0")
+    kind = not_text_reason(raw[:8192]) or (not_text_reason(b"\0") if nul >= 0 else None)
+    if kind is not None:
+        where = f" (the first on line {raw[:nul].count(NEWLINE) + 1})" if nul >= 0 and "NUL" in kind else ""
         raise PeftgenError(
-            f"The {what} {path} is not UTF-8 text (byte {error.start}). "
+            f"The {what} {path} is not text: it is {kind}{where}. "
+            "Give a UTF-8 text file with one example per line (decompress or convert it, or use 'peftgen prepare')."
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(NEWLINE) + 1
+        raise PeftgenError(
+            f"The {what} {path} is not UTF-8 text (byte {error.start}, line {line}). "
             "Convert it to UTF-8, or clean it with 'peftgen prepare'."
         ) from None
     if not text.strip():
         raise PeftgenError(f"The {what} {path} is empty. It needs one example per line.")
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    return [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+
+
+def read_lines(path: str | Path, what: str = "data file") -> list[str]:
+    """The non-blank lines of a UTF-8 text file, with clear errors for unusable files."""
+    return [line for _, line in _numbered_lines(path, what)]
+
+
+def check_writable_folder(path: str | Path, what: str) -> None:
+    """Refuse, before any work is done, a folder that cannot be created or written (under a file, read-only)."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        if existing == path:
+            raise PeftgenError(f"{what} {path} is a file, not a folder. Choose a folder path.")
+        raise PeftgenError(f"{what} {path} cannot be created: {existing} is a file. Choose another path.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PeftgenError(
+            f"{what} {path} cannot be written: {existing} is read-only or not yours. Choose a folder you can write to."
+        )
+
+
+def make_folder(path: str | Path, what: str) -> Path:
+    """mkdir -p, with one clear line when the file system refuses."""
+    path = Path(path)
+    check_writable_folder(path, what)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a virtual or full file system
+        raise PeftgenError(f"{what} {path} cannot be created: {error.strerror or error}.") from None
+    return path
+
+
+def line_list(numbers: list[int], limit: int = MAX_LISTED) -> str:
+    """'3, 7, 9' or '3, 7, ... and 12 more': line numbers as a report names them."""
+    shown = ", ".join(map(str, numbers[:limit]))
+    return shown + (f" and {len(numbers) - limit} more" if len(numbers) > limit else "")
 
 
 def strip_markers(line: str, bos: str, eos: str) -> str:
@@ -65,12 +143,26 @@ def encode(line: str, tokenizer, max_length: int) -> list[int]:
 
 
 def load_examples(path: str | Path, tokenizer, max_length: int, what: str = "data file") -> list[list[int]]:
-    """Encode every usable line of a file; a file with none is an error."""
-    examples = [ids for ids in (encode(line, tokenizer, max_length) for line in read_lines(path, what)) if len(ids) > 2]
+    """Encode every usable line of a file; a file with none is an error.
+
+    Lines holding the pad marker are skipped, with a warning on stderr naming them.
+    """
+    pad = tokenizer.pad_token
+    numbered = _numbered_lines(path, what)
+    padded = [number for number, line in numbered if pad and pad in line]
+    lines = [line for _, line in numbered if not (pad and pad in line)]
+    if padded:
+        print(
+            f"Warning: skipped {len(padded)} line(s) of the {what} {path} holding the pad marker {pad} "
+            f"(it would be learnt as text): line(s) {line_list(padded)}.",
+            file=sys.stderr,
+        )
+    examples = [ids for ids in (encode(line, tokenizer, max_length) for line in lines) if len(ids) > 2]
     if not examples:
         raise PeftgenError(
-            f"The {what} {path} has no usable line: every line is only markers. "
-            "Each line needs some text besides <BOS>/<EOS>."
+            f"The {what} {path} has no usable line: every line is only markers"
+            + (f" or holds {pad}" if padded else "")
+            + ". Each line needs some text besides <BOS>/<EOS>."
         )
     return examples
 

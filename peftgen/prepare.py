@@ -4,7 +4,11 @@
 
 Input is the CMU Book Summary Dataset's ``booksummaries.txt`` (7 tab-separated
 columns, the plot summary last), a plain text file (one example per line) or
-JSONL (one object per line, the text under ``--text-field``). Every output line
+JSONL (one object per line, the text under ``--text-field``), each also as
+``.gz``, ``.bz2`` or ``.xz``, or inside a tar archive such as the dataset's own
+``booksummaries.tar.gz`` (its one text member, or ``booksummaries.txt``);
+compressed input is unpacked to a temporary file first. Input that is not
+text (NUL bytes, UTF-16, mostly undecodable lines) is refused. Every output line
 is one example in the canonical form ``<BOS> text <EOS>``, whitespace inside the
 text collapsed to single spaces.
 
@@ -24,15 +28,25 @@ of one summary always land in the same split.
 """
 from __future__ import annotations
 
+import bz2
+import contextlib
+import gzip
 import hashlib
 import json
+import lzma
 import os
 import random
 import re
+import shutil
+import tarfile
+import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peftgen import data
+from peftgen.config import short
 from peftgen.errors import PeftgenError
 
 BOS, EOS, PAD = "<BOS>", "<EOS>", "<PAD>"
@@ -40,6 +54,12 @@ FORMATS = ("cmu", "text", "jsonl")
 LONG_POLICIES = ("chunk", "first", "skip")
 SPLITS = ("train", "valid", "test")
 CMU_COLUMNS = 7
+CMU_MEMBER = "booksummaries.txt"  # the text inside the dataset's booksummaries.tar.gz
+NOT_TEXT_SHARE = 0.25  # more lines than this that are not text: the whole input is not text
+COMPRESSED = {b"\x1f\x8b": (gzip.open, ".gz"), b"BZh": (bz2.open, ".bz2"), b"\xfd7zXZ\x00": (lzma.open, ".xz")}
+# C0 control characters that no prose holds (tab, line breaks and the separators
+# that str.split() takes for whitespace excepted): random bytes decode to them.
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1b\x7f]")
 
 
 @dataclass(frozen=True)
@@ -152,6 +172,9 @@ def parse_line(raw: bytes, fmt: str, text_field: str = "text") -> str:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"undecodable bytes (not UTF-8) at byte {e.start}") from None
+    control = _CONTROL.search(line)
+    if control:
+        raise ValueError(f"not text (control byte {ord(control.group()):#04x})")
     if fmt == "cmu":
         columns = line.split("\t")
         if len(columns) != CMU_COLUMNS:
@@ -254,6 +277,66 @@ def chunk(text: str, counter: TokenCounter, max_tokens: int) -> list[str]:
     return out
 
 
+# Compressed input ------------------------------------------------------------
+
+_TEXT_NEEDED = ("Give UTF-8 text: booksummaries.txt, one example a line, or JSONL "
+                "(also as .gz, .bz2, .xz or in a tar archive).")
+
+
+def _tar_member(archive: tarfile.TarFile, source: Path) -> tarfile.TarInfo:
+    """booksummaries.txt if the archive holds it, else its only file, else its only text file."""
+    files = [m for m in archive.getmembers() if m.isfile()]
+    texts = [m for m in files if Path(m.name).suffix.lower() in (".txt", ".tsv", ".jsonl", ".ndjson", ".json")]
+    for candidates in ([m for m in files if Path(m.name).name == CMU_MEMBER], files, texts):
+        if len(candidates) == 1:
+            return candidates[0]
+    names = ", ".join(m.name for m in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+    raise PeftgenError(
+        f"{source} is a tar archive of {len(files)} files ({names or 'none'}), not one text file or {CMU_MEMBER}. "
+        "Extract the file to prepare and pass it instead."
+    )
+
+
+def _is_tar(path: Path) -> bool:
+    try:
+        return tarfile.is_tarfile(path)
+    except (OSError, EOFError, zlib.error, lzma.LZMAError):
+        return False
+
+
+@contextlib.contextmanager
+def plain_text(source: Path) -> Iterator[Path]:
+    """The path of ``source``'s text: ``source`` itself, or a temporary file holding it unpacked.
+
+    The splits are written by seeking to each example's offset in shuffled
+    order, which a compressed stream cannot do cheaply: it is unpacked once.
+    """
+    with open(source, "rb") as f:
+        head = f.read(6)
+    opener = next((found for magic, found in COMPRESSED.items() if head.startswith(magic)), None)
+    is_tar = _is_tar(source)
+    if opener is None and not is_tar:
+        yield source
+        return
+    with tempfile.TemporaryDirectory(prefix="peftgen-prepare-") as scratch:
+        try:
+            if is_tar:
+                with tarfile.open(source, "r:*") as archive:
+                    member = _tar_member(archive, source)
+                    target = Path(scratch) / Path(member.name).name
+                    with archive.extractfile(member) as packed, open(target, "wb") as unpacked:
+                        shutil.copyfileobj(packed, unpacked)
+            else:
+                open_, suffix = opener
+                name = source.name[: -len(suffix)] if source.name.lower().endswith(suffix) else source.stem
+                target = Path(scratch) / (name or "input")
+                with open_(source, "rb") as packed, open(target, "wb") as unpacked:
+                    shutil.copyfileobj(packed, unpacked)
+        except (OSError, EOFError, tarfile.TarError, zlib.error, lzma.LZMAError) as error:
+            raise PeftgenError(f"Cannot unpack {source}: {error}. Is the file complete?") from None
+        yield target
+
+
 # The job -------------------------------------------------------------------
 
 def _load_tokenizer(tokenizer):
@@ -297,36 +380,60 @@ def prepare(
         raise PeftgenError(f"Input file {str(source)!r} does not exist.")
     fractions = parse_split(split)
     if format not in ("auto", *FORMATS):
-        raise PeftgenError(f"Unknown format {format!r}. Choose one of: auto, {', '.join(FORMATS)}.")
+        raise PeftgenError(f"Unknown format {short(format)}. Choose one of: auto, {', '.join(FORMATS)}.")
     if long not in LONG_POLICIES:
-        raise PeftgenError(f"Unknown --long {long!r}. Choose one of: {', '.join(LONG_POLICIES)}.")
+        raise PeftgenError(f"Unknown --long {short(long)}. Choose one of: {', '.join(LONG_POLICIES)}.")
     if max_tokens is not None and tokenizer is None:
         raise PeftgenError("--max-tokens counts tokens, so it needs --tokenizer (a model folder, .gguf file or id).")
+    if max_tokens is not None and max_tokens < 3:
+        raise PeftgenError(f"--max-tokens {max_tokens} leaves no room between {BOS} and {EOS}; use at least 3.")
     out = Path(output_dir)
     files = {name: out / f"{name}.txt" for name in SPLITS}
     existing = [str(p) for p in files.values() if p.exists()]
     if existing and not overwrite:
         raise PeftgenError(f"Output exists: {', '.join(existing)}. Pass --overwrite to replace it.")
-    fmt = detect_format(source) if format == "auto" else format
+    data.check_writable_folder(out, "--output-dir")
     counter = TokenCounter(_load_tokenizer(tokenizer)) if tokenizer is not None else None
+    with plain_text(source) as text:
+        return _prepare_text(text, source, out, files, format, text_field, fractions, seed, counter, max_tokens, long)
+
+
+def _prepare_text(text: Path, source: Path, out: Path, files: dict[str, Path], format: str, text_field: str,
+                  fractions: tuple[float, float, float], seed: int, counter: TokenCounter | None,
+                  max_tokens: int | None, long: str) -> PrepareResult:
+    """The two passes over ``text``, the plain-text content of ``source`` (named in messages)."""
+    with open(text, "rb") as f:
+        kind = data.not_text_reason(f.read(8192))
+    if kind is not None:
+        raise PeftgenError(f"{source} is not text: it is {kind}. {_TEXT_NEEDED}")
+    fmt = detect_format(text) if format == "auto" else format
 
     # Pass 1: validate every line, keep the offsets of good, distinct ones.
     offsets: list[int] = []
     seen: dict[bytes, int] = {}
     skipped: list[BadRow] = []
-    for number, offset, raw in _lines(source):
+    rows = not_text = 0
+    for number, offset, raw in _lines(text):
+        rows += 1
         try:
-            text = parse_line(raw, fmt, text_field)
+            line = parse_line(raw, fmt, text_field)
         except ValueError as e:
             skipped.append(BadRow(number, str(e)))
+            not_text += str(e).startswith(("undecodable", "not text"))
             continue
-        digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
+        digest = hashlib.blake2b(line.encode(), digest_size=16).digest()
         if digest in seen:
             skipped.append(BadRow(number, f"duplicate of line {seen[digest]}"))
             continue
         seen[digest] = number
         offsets.append(offset)
     del seen
+    if not_text > NOT_TEXT_SHARE * rows:
+        first = next(row for row in skipped if row.reason.startswith(("undecodable", "not text")))
+        raise PeftgenError(
+            f"{source} is not text: {not_text} of its {rows} lines are not UTF-8 text "
+            f"(first: line {first.line}: {first.reason}). {_TEXT_NEEDED}"
+        )
     if not offsets:
         raise PeftgenError(
             f"No usable example in {str(source)!r} as format {fmt!r} ({len(skipped)} lines skipped"
@@ -339,39 +446,47 @@ def prepare(
     sizes = split_sizes(len(offsets), fractions)
     bounds = [0, sizes[0], sizes[0] + sizes[1], len(offsets)]
 
-    # Pass 2: write each split, seeking to its rows in shuffled order.
-    out.mkdir(parents=True, exist_ok=True)
+    # Pass 2: write each split under a temporary name, seeking to its rows in
+    # shuffled order; only when all three are complete are they renamed into
+    # place, so a kill never leaves a folder of splits that looks finished.
+    data.make_folder(out, "--output-dir")
+    temporary = {name: files[name].with_name(f".{files[name].name}.tmp") for name in SPLITS}
     examples, sources = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
     chars, words, tokens = [], [], []
     written: set[bytes] = set()
     long_rows = 0
-    with open(source, "rb") as f:
-        for k, name in enumerate(SPLITS):
-            tmp = files[name].with_name(f".{files[name].name}.tmp")
-            with open(tmp, "w", encoding="utf-8", newline="\n") as w:
-                for offset in offsets[bounds[k]:bounds[k + 1]]:
-                    f.seek(offset)
-                    text = parse_line(f.readline().rstrip(b"\r\n"), fmt, text_field)
-                    pieces = [text]
-                    if max_tokens is not None and counter.example(text) > max_tokens:
-                        long_rows += 1
-                        pieces = [] if long == "skip" else chunk(text, counter, max_tokens)
-                        pieces = pieces[:1] if long == "first" else pieces
-                    if pieces:
-                        sources[name] += 1
-                    for piece in pieces:
-                        digest = hashlib.blake2b(piece.encode(), digest_size=16).digest()
-                        if digest in written:  # two summaries sharing an identical piece
-                            continue
-                        written.add(digest)
-                        w.write(to_line(piece) + "\n")
-                        examples[name] += 1
-                        chars.append(len(piece))
-                        words.append(piece.count(" ") + 1)
-                        if counter is not None:
-                            tokens.append(counter.example(piece))
-    for name in SPLITS:
-        os.replace(files[name].with_name(f".{files[name].name}.tmp"), files[name])
+    try:
+        with open(text, "rb") as f:
+            for k, name in enumerate(SPLITS):
+                with open(temporary[name], "w", encoding="utf-8", newline="\n") as w:
+                    for offset in offsets[bounds[k]:bounds[k + 1]]:
+                        f.seek(offset)
+                        line = parse_line(f.readline().rstrip(b"\r\n"), fmt, text_field)
+                        pieces = [line]
+                        if max_tokens is not None and counter.example(line) > max_tokens:
+                            long_rows += 1
+                            pieces = [] if long == "skip" else chunk(line, counter, max_tokens)
+                            pieces = pieces[:1] if long == "first" else pieces
+                        if pieces:
+                            sources[name] += 1
+                        for piece in pieces:
+                            digest = hashlib.blake2b(piece.encode(), digest_size=16).digest()
+                            if digest in written:  # two summaries sharing an identical piece
+                                continue
+                            written.add(digest)
+                            w.write(to_line(piece) + "\n")
+                            examples[name] += 1
+                            chars.append(len(piece))
+                            words.append(piece.count(" ") + 1)
+                            if counter is not None:
+                                tokens.append(counter.example(piece))
+        for name in SPLITS:
+            os.replace(temporary[name], files[name])
+    except OSError as error:
+        raise PeftgenError(f"Cannot write the splits into {out}: {error.strerror or error}.") from None
+    finally:
+        for path in temporary.values():
+            path.unlink(missing_ok=True)
 
     lengths = {"chars": LengthStats.of(chars), "words": LengthStats.of(words)} if chars else {}
     if tokens:

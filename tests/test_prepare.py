@@ -235,3 +235,113 @@ def test_cli_prepares_and_prints_counts(tmp_path):
     assert f"Error: Output exists: {tmp_path}/train.txt" in again.output
     helped = runner.invoke(app, ["prepare", "--help"])
     assert helped.exit_code == 0 and "--max-tokens" in helped.output and "--overwrite" in helped.output
+
+
+# Compressed and non-text input, the output folder ------------------------------
+
+def _tar(path: Path, members: dict[str, bytes], mode: str = "w:gz") -> Path:
+    import io
+    import tarfile
+
+    with tarfile.open(path, mode) as archive:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+    return path
+
+
+@pytest.mark.parametrize("name, mode", [("booksummaries.tar.gz", "w:gz"), ("books.tgz", "w:gz"), ("books.tar", "w")])
+def test_a_tar_of_the_sample_gives_the_same_splits_as_the_tsv(tmp_path, name, mode):
+    # Laid out as the dataset's own archive: a folder with a README beside booksummaries.txt.
+    archive = _tar(tmp_path / name, {
+        "booksummaries/README": b"CMU Book Summary Dataset\n",
+        "booksummaries/booksummaries.txt": SAMPLE.read_bytes(),
+    }, mode)
+    from_tsv = p.prepare(SAMPLE, tmp_path / "tsv", seed=5)
+    from_tar = p.prepare(archive, tmp_path / "tar", seed=5)
+    assert from_tar.format == "cmu" and from_tar.examples == from_tsv.examples == {"train": 22, "valid": 7, "test": 3}
+    for split in p.SPLITS:
+        assert (tmp_path / "tar" / f"{split}.txt").read_bytes() == (tmp_path / "tsv" / f"{split}.txt").read_bytes()
+
+
+@pytest.mark.parametrize("suffix, compress", [
+    (".gz", __import__("gzip").compress), (".bz2", __import__("bz2").compress), (".xz", __import__("lzma").compress),
+])
+def test_compressed_files_are_read_transparently(tmp_path, suffix, compress):
+    (tmp_path / f"sample.tsv{suffix}").write_bytes(compress(SAMPLE.read_bytes()))
+    p.prepare(SAMPLE, tmp_path / "plain")
+    assert p.prepare(tmp_path / f"sample.tsv{suffix}", tmp_path / "packed").format == "cmu"
+    assert read_split(tmp_path / "packed") == read_split(tmp_path / "plain")
+
+
+def test_a_gzipped_jsonl_keeps_its_format(tmp_path):
+    import gzip
+
+    (tmp_path / "rows.jsonl.gz").write_bytes(gzip.compress(b'{"text": "one"}\n{"text": "two"}\n{"text": "three"}\n'))
+    result = p.prepare(tmp_path / "rows.jsonl.gz", tmp_path / "out")
+    assert result.format == "jsonl" and sum(result.examples.values()) == 3
+
+
+def test_a_tar_without_one_text_file_names_its_members(tmp_path):
+    archive = _tar(tmp_path / "mixed.tar.gz", {"a.txt": b"one\n", "b.txt": b"two\n"})
+    with pytest.raises(PeftgenError, match=r"mixed\.tar\.gz is a tar archive of 2 files \(a\.txt, b\.txt\), not one text file"):
+        p.prepare(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_truncated_archive_is_refused(tmp_path):
+    import gzip
+
+    packed = gzip.compress(SAMPLE.read_bytes())
+    (tmp_path / "cut.tsv.gz").write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(PeftgenError, match=r"Cannot unpack .*cut\.tsv\.gz: .*Is the file complete\?"):
+        p.prepare(tmp_path / "cut.tsv.gz", tmp_path / "out")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"one line\n" + b"\x00" * 40 + b"\nanother\n", r"is not text: it is binary, or UTF-16 without a byte-order mark"),
+    (cmu_row(1, "A summary.").encode("utf-16"), r"is not text: it is UTF-16 text"),
+    (cmu_row(1, "A summary.").encode("utf-16-le"), r"is not text: it is binary, or UTF-16"),
+    (b"PK\x03\x04" + b"zipped" * 10, r"is not text: it is a zip archive"),
+    # Random bytes without a NUL: lines that mostly do not decode, and the ones that do hold control bytes.
+    (bytes(b for b in __import__("random").Random(0).randbytes(30000) if b), r"is not text: \d+ of its \d+ lines are not UTF-8 text"),
+])
+def test_input_that_is_not_text_is_refused_and_nothing_is_written(tmp_path, content, message):
+    (tmp_path / "in.txt").write_bytes(content)
+    with pytest.raises(PeftgenError, match=message):
+        p.prepare(tmp_path / "in.txt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_few_undecodable_lines_are_skipped_not_refused(tmp_path):
+    rows = [f"Summary {i} of the book.".encode() for i in range(10)] + [b"caf\xe9", b"bell \x07 rings"]
+    (tmp_path / "in.txt").write_bytes(b"\n".join(rows))
+    result = p.prepare(tmp_path / "in.txt", tmp_path / "out")
+    assert sum(result.examples.values()) == 10
+    assert [(r.line, r.reason) for r in result.skipped] == [
+        (11, "undecodable bytes (not UTF-8) at byte 3"), (12, "not text (control byte 0x07)")]
+
+
+def test_an_output_folder_that_cannot_be_created_is_refused_before_reading(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(PeftgenError, match=r"--output-dir .*file/out cannot be created: .*file is a file"):
+        p.prepare(SAMPLE, tmp_path / "file" / "out")
+
+
+def test_splits_appear_only_when_all_three_are_complete(tmp_path, monkeypatch):
+    p.prepare(SAMPLE, tmp_path, seed=1)
+    before = {name: (tmp_path / f"{name}.txt").read_bytes() for name in p.SPLITS}
+    written = []
+
+    def failing(text):  # the disk fills up while the valid split is being written
+        written.append(text)
+        if len(written) == 25:
+            raise OSError(28, "No space left on device")
+        return f"<BOS> {text} <EOS>"
+
+    monkeypatch.setattr(p, "to_line", failing)
+    with pytest.raises(PeftgenError, match=r"Cannot write the splits into .*: No space left on device\."):
+        p.prepare(SAMPLE, tmp_path, seed=2, overwrite=True)
+    assert {name: (tmp_path / f"{name}.txt").read_bytes() for name in p.SPLITS} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["test.txt", "train.txt", "valid.txt"]

@@ -83,9 +83,21 @@ class TrainConfig:
     eos_token: str = "<EOS>"
     pad_token: str = "<PAD>"
     gradient_checkpointing: bool = False
+    # Speed and memory techniques (benchmarks/README.md measures each one):
+    packing: bool = True  # padding-free batches: examples end to end in one row, attention kept within each
+    fused_loss: bool = True  # output layer + cross-entropy in chunks, at label positions only, no full logits
+    optim: str = "adamw_torch_fused"  # any optimizer name transformers' TrainingArguments takes
+    attention_dropout: Optional[float] = 0.0  # None: the model's own (GPT-2: 0.1, which forces unfused attention)
+    frozen_bf16: bool = True  # lora/8bit under bf16: frozen weights stored in bf16 (what autocast would cast them to)
     report_to: list[str] = field(default_factory=list)  # e.g. [tensorboard], [wandb]
     resume: bool = False
     overwrite: bool = False
+    sample_every: int = 0  # evaluations between sample rounds; 0: no samples
+    sample_decoder: str = "topk"  # any installed decoder, plugins included ('peftgen decoders')
+    sample_options: dict = field(default_factory=dict)  # the decoder's -o options, e.g. {k: 50, p: 0.9}
+    sample_count: int = 2  # samples per round
+    sample_max_new_tokens: int = 64  # most tokens per sample
+    sample_prompt: Optional[str] = None  # None: the <BOS> token
 
     @property
     def learning_rate(self) -> float:
@@ -145,6 +157,8 @@ class TrainConfig:
         if self.target_modules is not None and not all(name.strip() for name in self.target_modules):
             raise PeftgenError(f"target_modules holds an empty name: {short(self.target_modules)}.")
         _check_report_to(self.report_to)
+        _check_sampling(self)
+        _check_speed(self)
         if self.resume and self.overwrite:
             raise PeftgenError("--resume continues the run in the output folder; --overwrite deletes it. Pick one.")
         return self
@@ -173,6 +187,40 @@ def _check_finite_and_clean(config: TrainConfig) -> None:
                 raise PeftgenError(f"{name} {short(item)} is far too large.")
             if isinstance(item, str) and "\0" in item:
                 raise PeftgenError(f"{name} contains a NUL byte: {short(item)}.")
+
+
+def _check_speed(config: TrainConfig) -> None:
+    if config.attention_dropout is not None and not 0 <= config.attention_dropout < 1:
+        raise PeftgenError(
+            f"attention_dropout is a probability in [0, 1), got {config.attention_dropout:g}; "
+            "or null to keep the model's own."
+        )
+    from transformers.training_args import OptimizerNames
+
+    names = [o.value for o in OptimizerNames]
+    if config.optim not in names:
+        close = difflib.get_close_matches(config.optim, names, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise PeftgenError(
+            f"Unknown optim {short(config.optim)}.{hint} Common: adamw_torch_fused (default), adamw_torch, "
+            "adamw_8bit, sgd; transformers' OptimizerNames lists them all."
+        )
+
+
+def _check_sampling(config: TrainConfig) -> None:
+    for name in ("sample_count", "sample_max_new_tokens"):
+        if getattr(config, name) < 1:
+            raise PeftgenError(f"{name} must be at least 1, got {getattr(config, name)}.")
+    if config.sample_every < 0:
+        raise PeftgenError(f"sample_every must be 0 (no samples) or a number of evaluations, got {config.sample_every}.")
+    if config.sample_prompt == "":
+        raise PeftgenError("sample_prompt is empty. Leave it out to start from <BOS>, or give some text.")
+    if config.sample_every:
+        if not config.valid_file:
+            raise PeftgenError("sample_every counts evaluations, and there are none without --valid-file. Pass --valid-file FILE or drop --sample-every.")
+        from peftgen import sampling  # loads torch and the decoder plugins, so only when sampling is on
+
+        sampling.build_decoder(config)  # an unknown decoder or a bad option fails before any model loads
 
 
 def _check_report_to(names: list[str]) -> None:

@@ -1,21 +1,33 @@
-"""Loss curves as a PNG, from Trainer's log history."""
+"""Plots as PNGs: loss curves from Trainer's log history, and decoders side by side."""
 from __future__ import annotations
 
 from pathlib import Path
 
+EOS_RATE = "eval_sample_eos_rate"  # logged by peftgen.sampling when samples are on
 
-def loss_curves(log_history: list[dict], path: Path, title: str = "") -> Path | None:
-    """Plot training loss and validation loss against the optimizer step; None if nothing was logged."""
-    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
-    valid = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
-    if not train and not valid:
-        return None
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    return plt
+
+
+def loss_curves(log_history: list[dict], path: Path, title: str = "") -> Path | None:
+    """Plot training and validation loss against the optimizer step, and beside them the share
+    of samples that ended at <EOS> when samples were on; None if nothing was logged."""
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    valid = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
+    stops = [(e["step"], e[EOS_RATE]) for e in log_history if EOS_RATE in e and "step" in e]
+    if not train and not valid:
+        return None
+    plt = _pyplot()
+    if stops:
+        fig, (ax, eos) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120, width_ratios=(7, 4))
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     if train:
         ax.plot(*zip(*train), label="training loss", color="tab:blue", linewidth=1.4)
     if valid:
@@ -25,6 +37,13 @@ def loss_curves(log_history: list[dict], path: Path, title: str = "") -> Path | 
     ax.set_title(title or "peftgen training")
     ax.grid(alpha=0.3)
     ax.legend()
+    if stops:
+        eos.plot(*zip(*stops), color="tab:green", marker="s", linewidth=1.6)
+        eos.set_ylim(-0.05, 1.05)
+        eos.set_xlabel("optimizer step")
+        eos.set_ylabel("share of samples")
+        eos.set_title("samples ending at <EOS>")
+        eos.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -2,8 +2,8 @@
 
 Trainer (through accelerate) owns the loop, mixed precision, checkpoints and
 distribution, so ``accelerate launch -m peftgen train ...`` or ``torchrun -m
-peftgen train ...`` run data-parallel, FSDP or DeepSpeed with no code here.
-peftgen adds what the article's script did by hand: the special tokens, the
+peftgen train ...`` run data-parallel, FSDP or DeepSpeed; the main process
+alone reads the data and keeps the run folder (``peftgen.runs``). peftgen adds what the article's script did by hand: the special tokens, the
 line-by-line data, perplexity next to every eval loss, a run folder that
 reproduces itself, and a PNG of the loss curves.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
-from peftgen import config as config_lib, data, model as model_lib, plot, precision as precision_lib
+from peftgen import config as config_lib, data, model as model_lib, plot, precision as precision_lib, runs
 from peftgen.errors import PeftgenError
 
 LOSS_PLOT = "loss.png"
@@ -181,6 +181,10 @@ def train(config: config_lib.TrainConfig, progress: bool = True) -> TrainResult:
         data_collator=data.PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
     )
+    if config.sample_every:
+        from peftgen.sampling import SampleCallback
+
+        trainer.add_callback(SampleCallback(config, tokenizer, output, trainer))
     started = time.perf_counter()
     outcome = trainer.train(resume_from_checkpoint=True if config.resume else None)
     metrics = dict(outcome.metrics)

@@ -35,12 +35,22 @@ def train(
     report_to: Annotated[Optional[str], Opt(help="Comma-separated trackers for Trainer, e.g. tensorboard,wandb. [default: none]")] = None,
     resume: Annotated[Optional[bool], Opt("--resume", help="Continue from the last checkpoint in --output-dir.")] = None,
     overwrite: Annotated[Optional[bool], Opt("--overwrite", help="Replace a run already in --output-dir.")] = None,
+    sample_every: Annotated[Optional[int], Opt(help="Generate samples at every Nth evaluation (samples.jsonl, <EOS> rate in loss.png); 0: never. [default: 0]")] = None,
+    sample_decoder: Annotated[Optional[str], Opt(help="Decoder of those samples; 'peftgen decoders' lists them. [default: topk]")] = None,
+    sample_options: Annotated[Optional[list[str]], Opt("--sample-option", help="Option of --sample-decoder as key=value, e.g. k=50; repeatable.")] = None,
+    sample_count: Annotated[Optional[int], Opt(help="Samples per round. [default: 2]")] = None,
+    sample_max_new_tokens: Annotated[Optional[int], Opt(help="Most tokens per sample. [default: 64]")] = None,
+    sample_prompt: Annotated[Optional[str], Opt(help="Text the samples continue. [default: <BOS>]")] = None,
 ) -> None:
     """Fine-tune a causal LM on line-by-line text, adding <BOS>/<EOS>/<PAD> as trainable tokens."""
     flags = {k: v for k, v in locals().items() if k != "config"}  # first line: locals() are the flags
     from peftgen import config as config_lib, train as train_lib
 
     flags = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}
+    if sample_options is not None:
+        from peftgen.generation import parse_pairs
+
+        flags["sample_options"] = parse_pairs(sample_options)
     settings = config_lib.resolve(config, flags)
     typer.echo("peftgen train, resolved config:")
     typer.echo(yaml.safe_dump(settings.to_dict(), sort_keys=False).rstrip())

@@ -78,7 +78,10 @@ def skinny_matmuls(model: nn.Module):
         else:
             continue
         parent_name, _, attribute = name.rpartition(".")
-        swaps.append((model.get_submodule(parent_name), attribute, module, _Skinny(module, weight_out_in)))
+        parent = model.get_submodule(parent_name)
+        if type(parent).__name__ == "TrainableTokensLayer":  # PEFT's, which checks its base is an nn.Linear
+            continue
+        swaps.append((parent, attribute, module, _Skinny(module, weight_out_in)))
     try:
         for parent, attribute, _, skinny in swaps:
             setattr(parent, attribute, skinny)

@@ -13,12 +13,14 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import rotate_checkpoints
 
 from peftgen import config as config_lib, data, model as model_lib, plot, precision as precision_lib, runs
 from peftgen.errors import PeftgenError
@@ -35,6 +37,7 @@ class TrainResult:
     precision: str
     loss_plot: Path | None
     log_history: list[dict] = field(default_factory=list)
+    main_process: bool = True  # under torchrun, only the main process reports
 
 
 class PeftgenTrainer(Trainer):
@@ -61,36 +64,84 @@ class PeftgenTrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, Path(output_dir) / "training_args.bin")
 
+    # ------------------------------------------- checkpoints a kill cannot spoil
 
-def _checkpoints(folder: Path) -> list[Path]:
-    return sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+    run: runs.RunFolder | None = None  # set by train(): the folder to publish at the first checkpoint
+    _staging = False
 
+    def _get_output_dir(self, trial) -> str:
+        if self._staging:  # Trainer writes checkpoint-N under here; _save_checkpoint renames it when whole
+            return str(Path(self.args.output_dir) / runs.STAGING)
+        return super()._get_output_dir(trial)
 
-def prepare_output_dir(config: config_lib.TrainConfig) -> Path:
-    """Create the run folder, refusing to clobber an existing run or unrelated files."""
-    folder = Path(config.output_dir)
-    if folder.is_file():
-        raise PeftgenError(f"--output-dir {folder} is a file. Pick a folder path.")
-    existing = [p for p in folder.iterdir()] if folder.is_dir() else []
-    holds_run = model_lib.is_run(folder) or bool(_checkpoints(folder))
-    if config.resume:
-        if not _checkpoints(folder):
-            raise PeftgenError(f"Nothing to resume in {folder}: it holds no checkpoint-N folder. Drop --resume to start a new run.")
-        return folder
-    if holds_run and not config.overwrite:
-        raise PeftgenError(
-            f"{folder} already holds a peftgen run. Pass --overwrite to replace it, "
-            "--resume to continue it, or choose another --output-dir."
-        )
-    if existing and not holds_run:
-        raise PeftgenError(
-            f"{folder} is not empty and is not a peftgen run ({len(existing)} entries, e.g. {existing[0].name}). "
-            "Choose an empty or new --output-dir; peftgen will not mix its files with yours."
-        )
-    if holds_run:  # --overwrite on a run folder: start clean
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    def _save_checkpoint(self, model, trial) -> None:
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()  # every process has written its part (its RNG state)
+        if self.is_world_process_zero():
+            folder = Path(self.args.output_dir)
+            runs.move_into(folder / runs.STAGING, folder, last=())
+            # Trainer rotated inside the staging folder; rotate here, by step: a
+            # resumed run's checkpoints are newer on disk than their steps say.
+            rotate_checkpoints(str(folder), self.args.save_total_limit, self.state.best_model_checkpoint)
+            if self.run is not None:
+                runs.publish(self.run)  # the new run has something to show: it takes the folder now
+        self.accelerator.wait_for_everyone()
+        if self.run is not None:
+            self.run.published = True
+            self.args.output_dir = str(self.run.final)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
+        asked = list(getattr(scheduler, "base_lrs", []))
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or not asked or scheduler.base_lrs == asked or not hasattr(scheduler, "lr_lambdas"):
+            return
+        # The checkpoint restored the learning rate it was saved with;
+        # ``--resume --lr`` asks for another (e.g. after a diverged run).
+        scheduler.base_lrs = asked
+        for group, base, factor in zip(self.optimizer.param_groups, asked, scheduler.lr_lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        if self.is_world_process_zero():
+            runs.note(f"continuing with learning rate {self.args.learning_rate:g} instead of the checkpoint's.")
+
+    # ------------------------------------------------------ a loss gone NaN stops
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # One flag from every process, so that all of them stop at the same step.
+        finite = self.accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1))
+        if finite.min().item() < 1:
+            raise PeftgenError(self._diverged(loss.item()))
+        return loss
+
+    def _diverged(self, loss: float) -> str:
+        """Drop the checkpoints saved from the weights that gave a non-finite loss; say how to go on."""
+        step, lr = self.state.global_step + 1, self.args.learning_rate
+        folder = Path(self.args.output_dir)
+        # The loss of step N comes from the weights after step N-1: a checkpoint
+        # of those weights gives the same loss again, whatever the learning rate.
+        bad = [p for p in runs.checkpoints(folder) if int(p.name.split("-")[1]) >= self.state.global_step]
+        self.accelerator.wait_for_everyone()
+        if self.is_world_process_zero():
+            for checkpoint in bad:
+                shutil.rmtree(checkpoint)
+        self.accelerator.wait_for_everyone()
+        message = f"The training loss became {loss} at step {step} (learning rate {lr:g}); training stopped."
+        if bad:
+            message += f" Removed {', '.join(p.name for p in bad)}: saved from the weights that gave it."
+        good = runs.checkpoints(folder) if self.run is None or self.run.published else []
+        if good:
+            return message + (
+                f" {folder / good[-1].name} holds the last good weights; continue from it with a lower learning rate: "
+                f"the same command with --resume --lr {lr / 10:g} (and without --overwrite)."
+            )
+        return message + f" No checkpoint was saved before it: start again with a lower learning rate, e.g. --lr {lr / 10:g}."
 
 
 def _final_evaluation(trainer) -> dict:
@@ -140,20 +191,16 @@ def train(config: config_lib.TrainConfig, progress: bool = True) -> TrainResult:
     if Path(config.model).expanduser().exists():  # the run folder must find its base from anywhere
         config = dataclasses.replace(config, model=str(Path(config.model).expanduser().resolve()))
     precision = precision_lib.resolve(config.precision)
-    # Read the data before touching the output folder or loading a model:
-    # a bad file fails in a second and leaves nothing behind.
-    data.read_lines(config.train_file, "training file")
-    if config.valid_file:
-        data.read_lines(config.valid_file, "validation file")
+    processes = runs.Processes(cpu=not torch.cuda.is_available())
+    # Check the data and the output folder before loading a model: a bad file
+    # or a refused folder fails in a second and changes nothing on disk.
+    run = processes.on_main(_check_inputs, config)
     set_seed(config.seed)
     model, tokenizer, new_ids = model_lib.prepare_for_training(config)
-    train_set = data.LineDataset(data.load_examples(config.train_file, tokenizer, config.max_length, "training file"))
-    valid_set = (
-        data.LineDataset(data.load_examples(config.valid_file, tokenizer, config.max_length, "validation file"))
-        if config.valid_file
-        else None
-    )
-    output = prepare_output_dir(config)
+    train_examples, valid_examples = processes.on_main(_examples, config, tokenizer)  # tokenized once
+    train_set = data.LineDataset(train_examples)
+    valid_set = data.LineDataset(valid_examples) if valid_examples is not None else None
+    output = run.work  # the run folder, or beside it until the new run replaces an old one
     # Trainer divides the summed loss by its own count of label tokens, and
     # counts the shifted labels[..., 1:] only when the model names a causal-LM
     # loss_type. Models whose config leaves loss_type unset (GPT-2, Llama)
@@ -171,31 +218,75 @@ def train(config: config_lib.TrainConfig, progress: bool = True) -> TrainResult:
         "valid_examples": len(valid_set) if valid_set else 0,
         "trainable_params": trainable,
     }
-    config_lib.save(config, output / model_lib.RUN_CONFIG, facts)
+    try:
+        trainer = PeftgenTrainer(
+            model=model,
+            args=training_arguments(config, output, precision, valid_set is not None, progress),
+            train_dataset=train_set,
+            eval_dataset=valid_set,
+            data_collator=data.PadCollator(tokenizer.pad_token_id),
+            processing_class=tokenizer,
+        )
+        if config.sample_every:
+            from peftgen.sampling import SampleCallback
 
-    trainer = PeftgenTrainer(
-        model=model,
-        args=training_arguments(config, output, precision, valid_set is not None, progress),
-        train_dataset=train_set,
-        eval_dataset=valid_set,
-        data_collator=data.PadCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer,
-    )
-    if config.sample_every:
-        from peftgen.sampling import SampleCallback
+            trainer.add_callback(SampleCallback(config, tokenizer, output, trainer))
+        trainer.run = run
+        # Only now, with the model loaded and the trainer built, does anything on disk change.
+        processes.on_main(_start_run, run, config, facts)
+        started = time.perf_counter()
+        outcome = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+        metrics = dict(outcome.metrics)
+        if valid_set is not None:
+            metrics.update(_final_evaluation(trainer))
+        metrics["wall_seconds"] = time.perf_counter() - started
+        history = trainer.state.log_history
+        curve = _save_run(trainer, processes, run, metrics, f"{config.mode} fine-tuning of {Path(config.model).name}")
+    except BaseException as error:
+        if processes.main:
+            runs.discard(run)
+        elif isinstance(error, PeftgenError):
+            raise SystemExit(1) from None  # the main process says what went wrong
+        raise
+    return TrainResult(run.final, metrics, trainable, total, precision, curve, history, processes.main)
 
-        trainer.add_callback(SampleCallback(config, tokenizer, output, trainer))
-    started = time.perf_counter()
-    outcome = trainer.train(resume_from_checkpoint=True if config.resume else None)
-    metrics = dict(outcome.metrics)
-    if valid_set is not None:
-        metrics.update(_final_evaluation(trainer))
-    metrics["wall_seconds"] = time.perf_counter() - started
 
-    trainer.save_model(str(output))  # adapter (new rows included) or full model, plus tokenizer
-    history = trainer.state.log_history
-    (output / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    (output / "log_history.json").write_text(json.dumps(history, indent=2), encoding="utf-8")
-    title = f"{config.mode} fine-tuning of {Path(config.model).name}"
-    curve = plot.loss_curves(history, output / LOSS_PLOT, title)
-    return TrainResult(output, metrics, trainable, total, precision, curve, history)
+def _check_inputs(config: config_lib.TrainConfig) -> runs.RunFolder:
+    """Refuse unusable data files and an output folder that must not be touched (main process)."""
+    data.read_lines(config.train_file, "training file")
+    if config.valid_file:
+        data.read_lines(config.valid_file, "validation file")
+    return runs.plan(config)
+
+
+def _examples(config: config_lib.TrainConfig, tokenizer) -> tuple[list[list[int]], list[list[int]] | None]:
+    train = data.load_examples(config.train_file, tokenizer, config.max_length, "training file")
+    valid = data.load_examples(config.valid_file, tokenizer, config.max_length, "validation file") if config.valid_file else None
+    return train, valid
+
+
+def _start_run(run: runs.RunFolder, config: config_lib.TrainConfig, facts: dict) -> None:
+    runs.create(run)
+    partial = run.work / f".{model_lib.RUN_CONFIG}.partial"
+    config_lib.save(config, partial, facts)
+    os.replace(partial, run.work / model_lib.RUN_CONFIG)
+
+
+def _save_run(trainer: PeftgenTrainer, processes: runs.Processes, run: runs.RunFolder, metrics: dict, title: str) -> Path | None:
+    """The final model, metrics and curves, each whole or absent; then the run takes its folder."""
+    folder = Path(trainer.args.output_dir)
+    staging = folder / runs.STAGING / "final"
+    trainer.save_model(str(staging))  # adapter (new rows included) or full model, plus tokenizer
+    processes.barrier()
+    curve = None
+    if processes.main:
+        if staging.is_dir():  # the files that mark a finished model arrive last
+            runs.move_into(staging, folder, last=("config.json", "adapter_config.json"))
+        history = trainer.state.log_history
+        runs.write_text(folder / "metrics.json", json.dumps(metrics, indent=2))
+        runs.write_text(folder / "log_history.json", json.dumps(history, indent=2))
+        curve = plot.loss_curves(history, folder / LOSS_PLOT, title)
+        runs.publish(run)
+        runs.finish(run)
+    processes.barrier()
+    return run.final / curve.name if curve else None

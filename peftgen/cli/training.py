@@ -52,9 +52,14 @@ def train(
 
         flags["sample_options"] = parse_pairs(sample_options)
     settings = config_lib.resolve(config, flags)
-    typer.echo("peftgen train, resolved config:")
-    typer.echo(yaml.safe_dump(settings.to_dict(), sort_keys=False).rstrip())
+    from peftgen.runs import main_process
+
+    if main_process():  # under torchrun every process runs this command; one of them reports
+        typer.echo("peftgen train, resolved config:")
+        typer.echo(yaml.safe_dump(settings.to_dict(), sort_keys=False).rstrip())
     result = train_lib.train(settings)
+    if not result.main_process:
+        return
     typer.echo("")
     typer.echo(f"Run folder:        {result.output_dir}")
     typer.echo(f"Trainable params:  {result.trainable_params:,} of {result.total_params:,}")

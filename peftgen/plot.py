@@ -48,3 +48,26 @@ def loss_curves(log_history: list[dict], path: Path, title: str = "") -> Path | 
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def decoder_bars(decoders: list[str], metrics: dict[str, list], path: Path) -> Path:
+    """A small bar chart per metric (``{title: one value per decoder}``), decoders side by side.
+
+    Metrics with no value at all (a judge column without --judge) are left out."""
+    shown = {title: values for title, values in metrics.items() if any(v is not None for v in values)}
+    plt = _pyplot()
+    cols = 3
+    rows = max(1, -(-len(shown) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), dpi=110, squeeze=False)
+    colors = [plt.get_cmap("tab10")(i % 10) for i in range(len(decoders))]
+    for ax, (title, values) in zip(axes.flat, shown.items()):
+        ax.bar(range(len(decoders)), [0 if v is None else v for v in values], color=colors)
+        ax.set_xticks(range(len(decoders)), decoders, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -36,13 +36,14 @@ app = typer.Typer(
 
 # Registration, one line per command. Each module holds plain functions whose
 # Annotated parameters are the flags.
-from peftgen.cli import training, generating, preparing  # noqa: E402
+from peftgen.cli import training, generating, preparing, comparing  # noqa: E402
 
 app.command("train")(training.train)
 app.command("eval")(training.evaluate)
 app.command("merge")(training.merge)
 app.command("generate")(generating.generate)
 app.command("decoders")(generating.decoders)
+app.command("compare")(comparing.compare)
 app.command("prepare")(preparing.prepare)
 
 

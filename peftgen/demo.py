@@ -8,10 +8,12 @@
    so that no example is truncated and every one keeps its ``<EOS>``.
 3. Score the test split with the base model plus the new ``<BOS>``/``<EOS>``/``<PAD>``
    tokens, untrained: the baseline, tokenised exactly as after training.
-4. LoRA fine-tune on the train split (the valid split draws the curve in loss.png).
+4. LoRA fine-tune on the train split (the valid split draws the curve in loss.png);
+   at every evaluation two samples show whether the model has learnt to stop yet.
 5. Score the test split again.
 6. Generate from ``<BOS>`` with every installed decoder, stopping at ``<EOS>``.
-7. Print a table and write it, with the samples, to ``results.md`` in the run folder.
+7. Compare the decoders on a few samples each (``peftgen compare``).
+8. Print a table and write it, with the samples, to ``results.md`` in the run folder.
 
 The test split is never trained on: its books are disjoint from the training
 books, and the demo checks that no test line appears in the training file.
@@ -27,7 +29,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from peftgen import prepare as prepare_lib
+from peftgen import compare as compare_lib, prepare as prepare_lib
 from peftgen.errors import PeftgenError
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "cmu-booksummaries-sample.tsv"
@@ -61,6 +63,10 @@ class Recipe:
     seed: int = 0
     max_new_tokens: int = 255      # twice the longest example: room to reach <EOS>
     eval_batch_size: int = 8
+    sample_every: int = 1          # samples at every evaluation: the <EOS> rate over training
+    sample_count: int = 2
+    sample_max_new_tokens: int = 128  # the longest example: a sample that has not stopped by then will not
+    compare_samples: int = 4       # samples per decoder in the comparison
 
 
 RECIPE = Recipe()
@@ -89,6 +95,14 @@ class DemoResult:
     samples: list[Sample]
     seconds: dict[str, float] = field(default_factory=dict)
     table: str = ""
+    comparison: list = field(default_factory=list)  # peftgen.compare.Row per decoder
+
+    @property
+    def eos_rates(self) -> list[tuple[int, float]]:
+        """(step, share of the training samples that ended at <EOS>) at each evaluation that sampled."""
+        from peftgen.plot import EOS_RATE
+
+        return [(e["step"], e[EOS_RATE]) for e in self.train.log_history if EOS_RATE in e]
 
 
 def _tokenizer(source: str):
@@ -152,9 +166,13 @@ def summary_table(result: DemoResult) -> str:
         ("total time", "", f"{_fmt_seconds(result.seconds['total'])} (setup {_fmt_seconds(result.seconds['setup'])}, "
                            f"baseline {_fmt_seconds(result.seconds['baseline'])}, "
                            f"evaluation {_fmt_seconds(result.seconds['evaluate'])}, "
-                           f"samples {_fmt_seconds(result.seconds['generate'])})"),
+                           f"samples {_fmt_seconds(result.seconds['generate'])}, "
+                           f"comparison {_fmt_seconds(result.seconds['compare'])})"),
         ("samples ending at <EOS>", "", f"{sum(s.finish_reason == 'stop' for s in result.samples)} of {len(result.samples)}"),
     ]
+    if result.eos_rates:
+        rows.append(("<EOS> rate while training", "", " → ".join(f"{rate:.0%}" for _, rate in result.eos_rates)
+                     + f" (steps {', '.join(str(step) for step, _ in result.eos_rates)})"))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(f"{a:<{width[0]}}  {b:>{width[1]}}  {c}".rstrip() for a, b, c in rows)
 
@@ -164,7 +182,11 @@ def _results_markdown(result: DemoResult, model: str, recipe: Recipe) -> str:
         "# peftgen demo results", "",
         f"Model: `{model}`  ", f"Test examples: {result.before.tokens:,} scored tokens  ",
         f"Recipe: `{dataclasses.asdict(recipe)}`", "", "```", result.table, "```", "",
-        f"Loss curves: `{result.train.loss_plot}`", "", "## Samples from `<BOS>`", "",
+        f"Loss curves and the <EOS> rate of the training samples: `{result.train.loss_plot}`", "",
+        "## Decoders compared", "",
+        f"`peftgen compare`, {result.comparison[0].samples if result.comparison else 0} samples per decoder "
+        "from `<BOS>`, the same seeds for each:", "",
+        compare_lib.table(result.comparison, markdown=True), "", "## Samples from `<BOS>`", "",
     ]
     for s in result.samples:
         end = "ended at <EOS>" if s.finish_reason == "stop" else f"stopped at the length limit ({s.tokens} tokens)"
@@ -196,12 +218,12 @@ def run(
     if not data.is_file():
         raise PeftgenError(f"Demo data {data} not found. It ships in the repository's data/ folder: run the demo from a clone.")
 
-    echo("[1/6] Model")
+    echo("[1/8] Model")
     source = model or str(fetch.smollm2())
     tokenizer = _tokenizer(source)
     echo(f"      {source}")
 
-    echo("[2/6] Data")
+    echo("[2/8] Data")
     prepared = prepare_lib.prepare(
         data, out / "data", tokenizer=tokenizer, max_tokens=recipe.max_length, long="chunk",
         seed=recipe.seed, overwrite=True,
@@ -217,7 +239,7 @@ def run(
         precision=precision, progress=progress,
     )
 
-    echo("[3/6] Baseline: the base model with <BOS>/<EOS>/<PAD> added, untrained")
+    echo("[3/8] Baseline: the base model with <BOS>/<EOS>/<PAD> added, untrained")
     tick = time.perf_counter()
     set_seed(recipe.seed)  # the new rows are drawn at random, as training draws them
     base, base_tokenizer = model_lib.load(source, special_tokens=MARKERS)
@@ -226,7 +248,7 @@ def run(
     seconds["baseline"] = time.perf_counter() - tick
     echo(f"      test perplexity {before.perplexity:.2f} over {before.tokens:,} tokens")
 
-    echo("[4/6] LoRA fine-tuning")
+    echo("[4/8] LoRA fine-tuning")
     config = TrainConfig(
         model=source, mode="lora", train_file=str(files["train"]), valid_file=str(files["valid"]),
         output_dir=str(out / "lora"), epochs=recipe.epochs, max_steps=recipe.max_steps,
@@ -235,19 +257,21 @@ def run(
         logging_steps=max(1, recipe.eval_steps // 2), seed=recipe.seed, precision=recipe.precision,
         lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
         target_modules=list(recipe.target_modules) if recipe.target_modules else None, overwrite=True,
+        sample_every=recipe.sample_every, sample_count=recipe.sample_count,
+        sample_max_new_tokens=recipe.sample_max_new_tokens,
     )
     tick = time.perf_counter()
     trained = train_lib.train(config, progress=progress)
     seconds["train"] = time.perf_counter() - tick
 
-    echo("[5/6] Fine-tuned model on the test split")
+    echo("[5/8] Fine-tuned model on the test split")
     tick = time.perf_counter()
     tuned, tuned_tokenizer = model_lib.load(trained.output_dir)
     after = score(tuned, tuned_tokenizer)
     seconds["evaluate"] = time.perf_counter() - tick
     echo(f"      test perplexity {after.perplexity:.2f} over {after.tokens:,} tokens")
 
-    echo(f"[6/6] Samples from <BOS> with every installed decoder (at most {recipe.max_new_tokens} tokens)")
+    echo(f"[6/8] Samples from <BOS> with every installed decoder (at most {recipe.max_new_tokens} tokens)")
     tick = time.perf_counter()
     torch.manual_seed(recipe.seed)
     samples = generate_samples(tuned, tuned_tokenizer, recipe.max_new_tokens, recipe.seed)
@@ -256,8 +280,18 @@ def run(
         end = "ended at <EOS>" if s.finish_reason == "stop" else f"hit the length limit, {s.tokens} tokens"
         echo(f"\n--- {s.label} ({end})\n{s.text}")
 
+    echo(f"\n[7/8] Decoders compared, {recipe.compare_samples} samples each (peftgen compare)")
+    tick = time.perf_counter()
+    comparison = compare_lib.compare(
+        tuned, tuned_tokenizer, options=SAMPLE_OPTIONS, num_samples=recipe.compare_samples,
+        max_new_tokens=recipe.max_new_tokens, seed=recipe.seed, progress=lambda line: echo(f"      {line}"),
+    )
+    seconds["compare"] = time.perf_counter() - tick
+    echo(compare_lib.table(comparison))
+
+    echo("\n[8/8] Results")
     seconds["total"] = time.perf_counter() - started
-    result = DemoResult(out, before, after, trained, samples, seconds)
+    result = DemoResult(out, before, after, trained, samples, seconds, comparison=comparison)
     result.table = summary_table(result)
     (out / "results.md").write_text(_results_markdown(result, source, recipe), encoding="utf-8")
     echo("\n" + result.table)

@@ -10,7 +10,7 @@ pytest.importorskip("gguf")
 
 from gguf_writer import write_tiny_llama_gguf  # noqa: E402
 
-from peftgen import demo, plugins  # noqa: E402
+from peftgen import compare, demo, plugins  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def demo_run(tmp_path_factory):
     rows = demo.SAMPLE.read_text(encoding="utf-8").splitlines()[:10]
     (folder / "sample.tsv").write_text("\n".join(rows), encoding="utf-8")
     recipe = demo.Recipe(max_length=96, max_steps=12, batch_size=8, lr=3e-3, eval_steps=6, max_new_tokens=12,
-                         precision="fp32")
+                         precision="fp32", sample_max_new_tokens=8, compare_samples=2)
     lines: list[str] = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small only loses time to thread handoffs, more so on busy CPUs
@@ -72,7 +72,33 @@ def test_run_folder_has_curves_results_and_a_sample_per_decoder(demo_run):
         assert f"### {s.label}: {ending}" in markdown
     beam = next(s for s in result.samples if s.decoder == "beam")
     assert beam.label == "beam -o no_repeat_ngram_size=3"  # repetition-free beam search, as the README shows
-    assert "[6/6] Samples from <BOS>" in printed
+    assert "[6/8] Samples from <BOS>" in printed
+
+
+def test_training_samples_show_the_eos_rate_at_each_evaluation(demo_run):
+    import json
+
+    result, _ = demo_run
+    lines = [json.loads(line) for line in (result.output_dir / "lora" / "samples.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [6, 6, 12, 12]  # two samples at each of the two evaluations
+    expected = [(step, sum(line["finish_reason"] == "stop" for line in lines if line["step"] == step) / 2) for step in (6, 12)]
+    assert result.eos_rates == expected
+    rates = " → ".join(f"{rate:.0%}" for _, rate in expected)
+    assert re.search(rf"^<EOS> rate while training\s+{rates} \(steps 6, 12\)$", result.table, re.M)
+
+
+def test_results_hold_a_comparison_of_every_decoder(demo_run):
+    result, printed = demo_run
+    assert [row.decoder for row in result.comparison] == sorted(plugins.get_decoders())
+    for row in result.comparison:
+        assert row.error is None and row.samples == 2 and 0 <= row.max_length <= 12 and row.mean_logprob < 0
+    beam = next(row for row in result.comparison if row.decoder == "beam")
+    assert beam.options["no_repeat_ngram_size"] == 3  # the same beam as the demo's sample
+    markdown = (result.output_dir / "results.md").read_text(encoding="utf-8")
+    assert "## Decoders compared" in markdown
+    assert compare.table(result.comparison, markdown=True) in markdown
+    assert compare.table(result.comparison) in printed
+    assert "comparison " in result.table  # its time is part of the total
 
 
 def test_missing_sample_is_a_clear_error(tmp_path):

@@ -304,8 +304,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        detail = " ".join(str(error).split())
-        raise PeftgenError(f"{path} is not valid YAML: {detail[:200]}") from None
+        raise PeftgenError(f"{path} is not valid YAML: {yaml_problem(error)}.") from None
     except RecursionError:
         raise PeftgenError(f"{path} is nested too deeply to be a config: keys map to plain values.") from None
     except (ValueError, OverflowError) as error:  # e.g. a date like 2020-13-01, a 5000-digit number
@@ -315,6 +314,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise PeftgenError(f"{path} must be a mapping of keys to values, got {type(data).__name__}.")
     return data
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """What is wrong and on which line, without the snippet PyYAML quotes."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or " ".join(str(error).split())
+    return (f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem)[:200]
 
 
 def resolve(yaml_path: str | Path | None = None, flags: dict[str, Any] | None = None) -> TrainConfig:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from peftgen import model as model_lib
+from peftgen import data, model as model_lib
 from peftgen.errors import PeftgenError
 
 
@@ -43,37 +43,57 @@ def _restore_conv1d(model) -> None:
 
 def merge(run: str | Path, output: str | Path, overwrite: bool = False) -> Path:
     """Write run's base model with its adapter merged in, plus the tokenizer, to output."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
     run, output = Path(run), Path(output)
     if not model_lib.is_run(run):
         raise PeftgenError(f"{run} is not a peftgen run folder (no {model_lib.RUN_CONFIG}). Pass the --output-dir of 'peftgen train'.")
     settings = model_lib.read_run_config(run)
     if settings["mode"] == "full":
         raise PeftgenError(f"{run} is a full fine-tuning run: it already is a plain model folder, load it directly.")
-    if output.resolve() == run.resolve():
-        raise PeftgenError("--output must differ from the run folder; merging in place would destroy the adapter.")
+    _refuse_overlap(output, run, "the run folder")
+    base_model = Path(settings["model"]).expanduser()
+    if base_model.exists():
+        _refuse_overlap(output, base_model, "the run's base model")
     occupied = output.is_file() or (output.is_dir() and any(output.iterdir()))
     if occupied and not overwrite:
         raise PeftgenError(f"{output} already exists and is not empty. Pass --overwrite to replace it, or choose another --output.")
+    data.check_writable_folder(output.parent, "The folder of --output")
 
-    tokenizer = AutoTokenizer.from_pretrained(run)
+    tokenizer = model_lib.load_tokenizer(run, run)
     base, _ = model_lib.load_pretrained(settings["model"], quantize_8bit=settings["mode"] == "8bit")
     if settings["mode"] == "8bit":
         # The adapter was trained against the int8-rounded weights: dequantise
         # those (not the original float ones) so the merge reproduces the run.
         base = base.dequantize()
     base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    merged = PeftModel.from_pretrained(base, run).merge_and_unload()
+    merged = model_lib.load_adapter(base, run).merge_and_unload()
     if settings["mode"] == "8bit":
         _restore_conv1d(merged)
     model_lib.set_token_ids(merged, tokenizer)
     if getattr(merged.config, "quantization_config", None) is not None:
         del merged.config.quantization_config
 
-    if output.exists():
-        shutil.rmtree(output) if output.is_dir() else output.unlink()
-    merged.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    # Written beside the destination and swapped in when complete: a kill
+    # or a full disk never leaves a folder that looks like a merged model.
+    partial = output.with_name(f".{output.name}.partial")
+    try:
+        shutil.rmtree(partial, ignore_errors=True)
+        merged.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        if output.exists():
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        partial.rename(output)
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise PeftgenError(f"Cannot write the merged model to {output}: {error.strerror or error}.") from None
     return output
+
+
+def _refuse_overlap(output: Path, folder: Path, what: str) -> None:
+    """--output may not be, contain or lie inside ``folder``: --overwrite would delete it, or write into it."""
+    out, other = output.expanduser().resolve(), folder.resolve()
+    if out == other:
+        raise PeftgenError(f"--output {output} is {what}; merging in place would destroy it. Choose another --output.")
+    if out in other.parents:
+        raise PeftgenError(f"--output {output} contains {what} ({folder}); replacing it would delete that. Choose another --output.")
+    if other in out.parents:
+        raise PeftgenError(f"--output {output} lies inside {what} ({folder}). Choose a folder outside it.")

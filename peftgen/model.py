@@ -10,10 +10,13 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
+import pickle
 import shutil
 import socket
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -53,7 +56,36 @@ def is_run(path: str | Path) -> bool:
 
 
 def read_run_config(path: str | Path) -> dict:
-    return yaml.safe_load((Path(path) / RUN_CONFIG).read_text(encoding="utf-8"))
+    """A run's settings from its peftgen.yaml; a damaged file gets one line naming it."""
+    file = Path(path) / RUN_CONFIG
+    try:
+        settings = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError, RecursionError) as error:
+        from peftgen.config import yaml_problem
+
+        reason = yaml_problem(error) if isinstance(error, yaml.YAMLError) else " ".join(str(error).split())[:160]
+        raise PeftgenError(f"{file} is damaged ({reason}). Restore it from a copy, or train the run again.") from None
+    missing = [key for key in ("model", "mode") if not isinstance(settings, dict) or not isinstance(settings.get(key), str)]
+    if missing:
+        raise PeftgenError(
+            f"{file} is incomplete: it has no {' or '.join(missing)}. "
+            "Restore it from a copy, or train the run again."
+        )
+    if settings["mode"] not in ("full", "lora", "8bit"):
+        raise PeftgenError(f"{file} names an unknown mode {settings['mode'][:40]!r}: the file is damaged.")
+    return settings
+
+
+def read_json_object(file: Path) -> dict:
+    """A JSON file that must hold an object (config.json, adapter_config.json), or one line naming it."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        reason = " ".join(str(error).split())[:160]
+        raise PeftgenError(f"{file} is not valid JSON ({reason}): the file is damaged. Restore or re-save it.") from None
+    if not isinstance(value, dict):
+        raise PeftgenError(f"{file} must hold a JSON object, not a {type(value).__name__}: the file is damaged. Restore or re-save it.")
+    return value
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -124,6 +156,7 @@ def resolve_source(source: str) -> tuple[str, dict]:
                 f"--model {source} is a folder without config.json: neither a Hugging Face model "
                 "(saved with save_pretrained) nor a peftgen run (with peftgen.yaml)."
             )
+        read_json_object(path / "config.json")
         return str(path), {}
     if source.endswith(".gguf") or source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise PeftgenError(f"Model not found: {source} does not exist. Check the path.")
@@ -177,12 +210,49 @@ def load_pretrained(source: str, *, quantize_8bit: bool = False):
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         if torch.cuda.is_available():  # int8 weights are made on the device that runs them
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    tokenizer = load_tokenizer(location, source, **{k: v for k, v in kwargs.items() if k == "local_files_only"})
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **{k: v for k, v in kwargs.items() if k == "local_files_only"})
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+    except _damaged_file_errors() as error:
+        raise PeftgenError(_damaged_weights(source, location, "model", error)) from None
     except (OSError, ValueError) as error:
-        raise PeftgenError(f"Could not load model {source}: {str(error).splitlines()[0]}") from None
+        raise PeftgenError(f"Could not load model {source}: {_first_line(error)}") from None
     return model, tokenizer
+
+
+def load_tokenizer(location: str | Path, source: str | Path, **kwargs):
+    """The tokenizer saved in a model or run folder; missing or damaged files get one line."""
+    from transformers import AutoTokenizer
+
+    advice = ("It needs its tokenizer files (tokenizer.json and tokenizer_config.json, or vocab.json and "
+              "merges.txt): copy them from the model it was trained from.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
+        raise PeftgenError(f"Could not load the tokenizer of {source}: {_first_line(error)[:200]}. {advice}") from None
+    if len(tokenizer) < 2:  # transformers builds an empty one when every file is missing
+        raise PeftgenError(f"{source} has no tokenizer (an empty vocabulary was all it held). {advice}")
+    return tokenizer
+
+
+def _damaged_file_errors() -> tuple[type[BaseException], ...]:
+    """What reading a truncated or foreign weights file raises (safetensors, or pickle for .bin)."""
+    from safetensors import SafetensorError
+
+    return (SafetensorError, pickle.UnpicklingError, EOFError)
+
+
+def _damaged_weights(source, folder, kind: str, error: BaseException) -> str:
+    names = sorted(p.name for p in Path(folder).glob("*.safetensors")) + sorted(p.name for p in Path(folder).glob("*.bin"))
+    return (
+        f"The {kind} weights of {source} ({', '.join(names) or 'weights file'}) are damaged: {_first_line(error)[:160]}. "
+        "The file is truncated or not a weights file; copy or save it again."
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 # ---------------------------------------------------------------- special tokens
@@ -257,6 +327,44 @@ def _has_conv1d(model, targets) -> bool:
 # ---------------------------------------------------------------- training
 
 
+def check_fit(model, config) -> None:
+    """The settings that depend on the model, checked once it is loaded and before anything is built.
+
+    A max_length beyond the model's context would index past its position
+    embeddings: it is capped to the context, with a note on stderr, and
+    ``config.max_length`` is updated so that the data and the saved
+    peftgen.yaml use the cap. LoRA target modules the model does not have are
+    refused with the names it does have.
+    """
+    from peftgen.generation.engine import context_length
+
+    limit = context_length(model)
+    if limit is not None and config.max_length > limit:
+        print(
+            f"note: max_length {config.max_length} is longer than the context of {config.model} "
+            f"({limit} tokens); examples are cut to {limit} tokens.",
+            file=sys.stderr,
+        )
+        config.max_length = limit
+    if config.mode != "full" and config.target_modules:
+        check_target_modules(model, config.target_modules)
+
+
+def check_target_modules(model, targets: list[str]) -> None:
+    """Every LoRA target must name (or end the name of) a layer LoRA can adapt, as PEFT matches them."""
+    from transformers.pytorch_utils import Conv1D
+
+    adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
+    names = [name for name, module in model.named_modules() if isinstance(module, adaptable)]
+    missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
+    if missing:
+        have = sorted({name.rsplit(".", 1)[-1] for name in names})
+        raise PeftgenError(
+            f"target_modules {', '.join(repr(t[:40]) for t in missing[:5])} not in this {model.config.model_type} model. "
+            f"Its layers LoRA can adapt: {', '.join(have)}. Pass some of those to --target-modules, or leave it out."
+        )
+
+
 def prepare_for_training(config):
     """Base model + special tokens, wrapped for config.mode. Returns (model, tokenizer, new_ids).
 
@@ -269,6 +377,7 @@ def prepare_for_training(config):
     could never learn to predict <EOS>.
     """
     model, tokenizer = load_pretrained(config.model, quantize_8bit=config.mode == "8bit")
+    check_fit(model, config)
     new_ids = add_special_tokens(model, tokenizer, config.bos_token, config.eos_token, config.pad_token)
     if config.mode == "full":
         if config.gradient_checkpointing:
@@ -342,16 +451,37 @@ def load(source: str | Path, special_tokens: tuple[str, str, str] | None = None,
     if settings["mode"] == "full":
         model, tokenizer = load_pretrained(str(path))
     else:
-        from peft import PeftModel
-        from transformers import AutoTokenizer
-
         if not (path / "adapter_config.json").is_file():
             raise PeftgenError(f"{path} is a {settings['mode']} run without adapter_config.json: training did not finish. Use one of its checkpoint-N folders or --resume it.")
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path, path)
         base, _ = load_pretrained(settings["model"], quantize_8bit=settings["mode"] == "8bit")
         base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        model = PeftModel.from_pretrained(base, path)
+        model = load_adapter(base, path)
         if merge and settings["mode"] == "lora":
             model = model.merge_and_unload()
     set_token_ids(model, tokenizer)
     return model.eval(), tokenizer
+
+
+def load_adapter(base, folder: Path):
+    """``base`` with the adapter saved in ``folder``; a missing or damaged adapter gets one line naming its file."""
+    from peft import PeftModel
+
+    folder = Path(folder)
+    settings = read_json_object(folder / "adapter_config.json")
+    if not isinstance(settings.get("peft_type"), str):
+        raise PeftgenError(f"{folder / 'adapter_config.json'} is incomplete (no peft_type): the file is damaged. Restore it from a copy.")
+    if not any((folder / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise PeftgenError(
+            f"{folder} has adapter_config.json but no adapter weights (adapter_model.safetensors): "
+            "training did not finish or the file was lost. Use one of the run's checkpoint-N folders."
+        )
+    try:
+        return PeftModel.from_pretrained(base, folder)
+    except _damaged_file_errors() as error:
+        raise PeftgenError(_damaged_weights(folder, folder, "adapter", error)) from None
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise PeftgenError(
+            f"Could not load the adapter in {folder}: {_first_line(error)[:200]}. "
+            "Its adapter_config.json or weights are damaged or belong to another base model."
+        ) from None

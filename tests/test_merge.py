@@ -1,6 +1,9 @@
 """peftgen merge: a plain Hugging Face folder whose logits match the unmerged run's."""
+import shutil
+
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftgen import merge as merge_lib, model as model_lib
@@ -58,3 +61,48 @@ def test_merge_refuses_to_overwrite_and_to_merge_a_full_run(tiny_gpt2, make_run,
         merge_lib.merge(make_run("full", tiny_gpt2), tmp_path / "m")
     with pytest.raises(PeftgenError, match="is not a peftgen run folder"):
         merge_lib.merge(tiny_gpt2, tmp_path / "m")
+
+
+@pytest.mark.parametrize("where", ["run", "parent of run", "inside run", "base", "parent of base", "inside base"])
+def test_merge_refuses_an_output_that_is_contains_or_lies_in_the_run_or_its_base(where, tiny_gpt2, make_run, tmp_path):
+    # A run and its base in folders of their own, so that each case meets one check.
+    base = shutil.copytree(tiny_gpt2, tmp_path / "models" / "base")
+    run = shutil.copytree(make_run("lora", tiny_gpt2), tmp_path / "runs" / "run")
+    settings = yaml.safe_load((run / "peftgen.yaml").read_text())
+    (run / "peftgen.yaml").write_text(yaml.safe_dump({**settings, "model": str(base)}))
+    output, message = {
+        "run": (run, "is the run folder"),
+        "parent of run": (run.parent, "contains the run folder"),
+        "inside run": (run / "merged", "lies inside the run folder"),
+        "base": (base, "is the run's base model"),
+        "parent of base": (base.parent, "contains the run's base model"),
+        "inside base": (base / "merged", "lies inside the run's base model"),
+    }[where]
+    before = sorted(p.name for p in run.iterdir()), sorted(p.name for p in base.iterdir())
+    with pytest.raises(PeftgenError, match=f"--output .* {message}"):
+        merge_lib.merge(run, output, overwrite=True)
+    assert (sorted(p.name for p in run.iterdir()), sorted(p.name for p in base.iterdir())) == before
+    assert model_lib.is_run(run) and not (run / "merged").exists() and not (base / "merged").exists()
+
+
+def test_merge_refuses_an_output_under_a_file_before_loading(tiny_gpt2, make_run, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(PeftgenError, match=r"The folder of --output .*file is a file, not a folder"):
+        merge_lib.merge(make_run("lora", tiny_gpt2), tmp_path / "file" / "merged")
+
+
+def test_overwrite_replaces_the_old_output_only_once_the_new_one_is_complete(tiny_gpt2, make_run, tmp_path, monkeypatch):
+    from transformers import PreTrainedTokenizerBase
+
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("old merge")
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full_disk)
+    with pytest.raises(PeftgenError, match=r"Cannot write the merged model to .*merged: No space left on device\."):
+        merge_lib.merge(make_run("lora", tiny_gpt2), out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "old merge"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no half-written folder beside it

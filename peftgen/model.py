@@ -243,7 +243,7 @@ def _damaged_file_errors() -> tuple[type[BaseException], ...]:
 
 
 def _damaged_weights(source, folder, kind: str, error: BaseException) -> str:
-    names = sorted(p.name for p in Path(folder).glob("*.safetensors")) + sorted(p.name for p in Path(folder).glob("*.bin"))
+    names = sorted(p.name for p in Path(folder).glob("*model*.safetensors")) + sorted(p.name for p in Path(folder).glob("*model*.bin"))
     return (
         f"The {kind} weights of {source} ({', '.join(names) or 'weights file'}) are damaged: {_first_line(error)[:160]}. "
         "The file is truncated or not a weights file; copy or save it again."

@@ -134,3 +134,107 @@ def test_a_base_without_an_end_token_gets_an_average_eos(tiny_gpt2):
     model_lib.add_special_tokens(model, tokenizer, "<BOS>", "<EOS>", "<PAD>")
     rows = model.get_input_embeddings().weight
     assert not (rows[:50257] == rows[tokenizer.eos_token_id]).all(dim=-1).any()  # a copy of no existing row
+
+
+# Damaged folders: one line naming the file and what is wrong with it ----------
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+RUN_DAMAGE = {
+    "truncated adapter": (lambda d: _truncate(d / "adapter_model.safetensors"),
+                          r"adapter weights of .*run \(adapter_model\.safetensors\) are damaged: .* truncated"),
+    "empty adapter": (lambda d: (d / "adapter_model.safetensors").write_bytes(b""),
+                      r"adapter weights of .*run \(adapter_model\.safetensors\) are damaged"),
+    "no adapter weights": (lambda d: (d / "adapter_model.safetensors").unlink(),
+                           r"run has adapter_config\.json but no adapter weights"),
+    "garbage adapter_config": (lambda d: (d / "adapter_config.json").write_text("{garbage"),
+                               r"run/adapter_config\.json is not valid JSON \(Expecting property name"),
+    "adapter_config not an object": (lambda d: (d / "adapter_config.json").write_text("[1, 2]"),
+                                     r"run/adapter_config\.json must hold a JSON object, not a list"),
+    "no tokenizer": (lambda d: [p.unlink() for p in d.iterdir() if p.name.startswith("tokenizer")],
+                     r"(tokenizer of .*run|run has no tokenizer).*copy them from the model it was trained from"),
+    "garbage peftgen.yaml": (lambda d: (d / "peftgen.yaml").write_text("mode: [lora\n"),
+                             r"run/peftgen\.yaml is damaged \(.*line 2"),
+    "empty peftgen.yaml": (lambda d: (d / "peftgen.yaml").write_text(""),
+                           r"run/peftgen\.yaml is incomplete: it has no model or mode"),
+    "incomplete peftgen.yaml": (lambda d: (d / "peftgen.yaml").write_text("mode: lora\n"),
+                                r"run/peftgen\.yaml is incomplete: it has no model\."),
+    "binary peftgen.yaml": (lambda d: (d / "peftgen.yaml").write_bytes(b"\xff\xfe\x00\x01"),
+                            r"run/peftgen\.yaml is damaged \('utf-8' codec"),
+}
+
+
+@pytest.mark.parametrize("damage", list(RUN_DAMAGE))
+def test_a_damaged_run_folder_gets_one_line_naming_the_file(damage, tiny_gpt2, make_run, tmp_path):
+    import shutil
+
+    run = shutil.copytree(make_run("lora", tiny_gpt2), tmp_path / "run")
+    damage_fn, message = RUN_DAMAGE[damage]
+    damage_fn(run)
+    with pytest.raises(PeftgenError, match=message):
+        model_lib.load(run)
+
+
+MODEL_DAMAGE = {
+    "truncated weights": (lambda d: _truncate(d / "model.safetensors"),
+                          r"model weights of .*model \(model\.safetensors\) are damaged: .*truncated"),
+    "config.json not an object": (lambda d: (d / "config.json").write_text('["gpt2"]'),
+                                  r"model/config\.json must hold a JSON object, not a list"),
+    "config.json not JSON": (lambda d: (d / "config.json").write_text("model_type: gpt2"),
+                             r"model/config\.json is not valid JSON"),
+    "no tokenizer": (lambda d: [p.unlink() for p in d.iterdir() if p.name.startswith(("tokenizer", "vocab", "merges"))],
+                     r"model has no tokenizer \(an empty vocabulary was all it held\)"),
+}
+
+
+@pytest.mark.parametrize("damage", list(MODEL_DAMAGE))
+def test_a_damaged_model_folder_gets_one_line_naming_the_file(damage, tiny_gpt2, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(tiny_gpt2, tmp_path / "model")
+    damage_fn, message = MODEL_DAMAGE[damage]
+    damage_fn(folder)
+    with pytest.raises(PeftgenError, match=message):
+        model_lib.load(folder)
+
+
+def test_the_cli_prints_a_damaged_folder_as_one_error_line(tiny_gpt2, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from peftgen.cli import app
+
+    folder = shutil.copytree(tiny_gpt2, tmp_path / "model")
+    _truncate(folder / "model.safetensors")
+    for command in (["generate", "--model", str(folder), "--seed", "1", "--length", "2"],
+                    ["eval", "--model", str(folder), "--file", str(folder / "config.json")]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 1, result.output
+        assert result.output.count("Error:") == 1 and "Traceback" not in result.output
+        assert "model.safetensors) are damaged" in result.output
+
+
+# Settings that depend on the model ---------------------------------------------
+
+def test_max_length_beyond_the_context_is_capped_to_it(tiny_gpt2, capsys):
+    from peftgen import config as config_lib
+
+    config = config_lib.resolve(None, {"train_file": "t", "model": str(tiny_gpt2), "max_length": 4096, "mode": "full"})
+    model_lib.prepare_for_training(config)
+    assert config.max_length == 256  # tiny_gpt2's n_positions
+    assert "max_length 4096 is longer than the context" in capsys.readouterr().err
+
+
+def test_target_modules_the_model_lacks_are_refused_with_those_it_has(tiny_gpt2):
+    from peftgen import config as config_lib
+
+    config = config_lib.resolve(None, {"train_file": "t", "model": str(tiny_gpt2), "target_modules": "c_attn,q_proj"})
+    with pytest.raises(PeftgenError, match=r"target_modules 'q_proj' not in this gpt2 model\. "
+                                           r"Its layers LoRA can adapt: c_attn, c_fc, c_proj, lm_head, wpe, wte\."):
+        model_lib.prepare_for_training(config)
+    # Full names and name suffixes match, as PEFT matches them.
+    model, _ = model_lib.load_pretrained(str(tiny_gpt2))
+    model_lib.check_target_modules(model, ["transformer.h.0.attn.c_attn", "mlp.c_fc"])

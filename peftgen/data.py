@@ -55,6 +55,11 @@ def not_text_reason(head: bytes) -> str | None:
     return None
 
 
+def not_text(raw: bytes) -> str | None:
+    """What a whole file's bytes are if they are not text: its first bytes say so, or it holds a NUL."""
+    return not_text_reason(raw[:8192]) or (not_text_reason(b"\0") if b"\0" in raw else None)
+
+
 def _numbered_lines(path: str | Path, what: str) -> list[tuple[int, str]]:
     """(1-based line number, stripped line) of each non-blank line of a UTF-8 text file."""
     path = Path(path)
@@ -67,7 +72,7 @@ def _numbered_lines(path: str | Path, what: str) -> list[tuple[int, str]]:
     except OSError as error:
         raise PeftgenError(f"Cannot read the {what} {path}: {error.strerror or error}.") from None
     nul = raw.find(b"\0")
-    kind = not_text_reason(raw[:8192]) or (not_text_reason(b"\0") if nul >= 0 else None)
+    kind = not_text(raw)
     if kind is not None:
         where = f" (the first on line {raw[:nul].count(NEWLINE) + 1})" if nul >= 0 and "NUL" in kind else ""
         raise PeftgenError(

@@ -129,6 +129,10 @@ def test_several_sequences_print_with_headers(tiny_gpt2, tmp_path):
     (["--stop-token", "two words"], "--stop-token 'two words' is 2 tokens ['two', 'Ġwords'], not one. A stop token must be a single token of the vocabulary, such as the eos token '<|endoftext|>'."),
     (["--prompt", "a", "--prompt-file", "p.txt"], "Pass --prompt or --prompt-file, not both."),
     (["--prompt-file", "missing.txt"], "--prompt-file missing.txt does not exist."),
+    (["--batch-size", "0"], "--batch-size must be between 1 and 65536, got 0."),
+    (["--num-return-sequences", "100000000"], "--num-return-sequences must be between 1 and 65536, got 100000000."),
+    (["--seed", "-1"], "--seed must be between 0 and 4294967295, got -1."),
+    (["--seed", str(2**64)], f"--seed must be between 0 and 4294967295, got {2**64}."),
 ])
 def test_errors_are_one_clear_line(tiny_gpt2, args, message):
     result = invoke("generate", "--model", tiny_gpt2, *args)
@@ -217,3 +221,15 @@ def test_a_trained_run_starts_at_bos_and_stops_at_eos_by_default(learnt_run):
     assert (row["prompt"], row["finish_reason"]) == ("<BOS>", "stop")
     assert row["token_ids"][-1] == tokenizer.convert_tokens_to_ids("<EOS>")
     assert row["text"] == tokenizer.decode(row["token_ids"][:-1]) and "<EOS>" not in row["text"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("café\n".encode("latin-1"), "is not UTF-8 text (byte 3, line 1). Save it as UTF-8."),
+    ("first\nsecond\n".encode("utf-16"), "is not text: it is UTF-16 text. Give UTF-8 text, one prompt per line."),
+    (b"first\n\x00\x01\n", "is not text: it is binary, or UTF-16 without a byte-order mark: it holds NUL bytes. Give UTF-8 text, one prompt per line."),
+])
+def test_a_prompt_file_that_is_not_utf8_text_is_one_clear_line(tiny_gpt2, tmp_path, content, message):
+    (tmp_path / "prompts.txt").write_bytes(content)
+    result = invoke("generate", "--model", tiny_gpt2, "--prompt-file", tmp_path / "prompts.txt")
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: --prompt-file {tmp_path / 'prompts.txt'} {message}\n"

@@ -43,13 +43,17 @@ def generate(
     from peftgen.generation.engine import context_length
     from peftgen.generation.text import Streamer, completion_text, default_prompt, encode_prompt, stop_token_ids
 
+    from peftgen.config import MAX_BATCH, SEED_LIMIT
     from peftgen.plugins import get_decoder
 
     info = get_decoder(decoder, _decoders(plugin))
     strategy = build_decoder(info.cls, parse_pairs(option))
     check_request(strategy, num_return_sequences, DEFAULT_NEW_TOKENS if max_new_tokens is None else max_new_tokens)
-    if batch_size < 1:
-        raise PeftgenError(f"--batch-size must be at least 1, got {batch_size}.")
+    for flag, value in (("--batch-size", batch_size), ("--num-return-sequences", num_return_sequences)):
+        if not 1 <= value <= MAX_BATCH:
+            raise PeftgenError(f"{flag} must be between 1 and {MAX_BATCH}, got {value}.")
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise PeftgenError(f"--seed must be between 0 and {SEED_LIMIT - 1}, got {seed}.")
     texts = _prompts(prompt, prompt_file)
 
     from peftgen import model as model_lib
@@ -145,9 +149,20 @@ def _prompts(prompt: list[str] | None, prompt_file: Path | None) -> list[str]:
         raise PeftgenError("Pass --prompt or --prompt-file, not both.")
     if prompt_file is None:
         return list(prompt or [])
+    from peftgen.data import not_text
+
     if not prompt_file.is_file():
         raise PeftgenError(f"--prompt-file {prompt_file} does not exist.")
-    lines = [line for line in prompt_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    raw = prompt_file.read_bytes()
+    kind = not_text(raw)
+    if kind:
+        raise PeftgenError(f"--prompt-file {prompt_file} is not text: it is {kind}. Give UTF-8 text, one prompt per line.")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise PeftgenError(f"--prompt-file {prompt_file} is not UTF-8 text (byte {error.start}, line {line}). Save it as UTF-8.") from None
+    lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise PeftgenError(f"--prompt-file {prompt_file} has no prompts (one per non-blank line).")
     return lines

@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 import typer
 import yaml
 
+from peftgen.errors import PeftgenError
+
 Opt = typer.Option
 
 
@@ -79,16 +81,20 @@ def evaluate(
     json_output: Annotated[bool, Opt("--json", help="Print {loss, perplexity, tokens} as JSON.")] = False,
 ) -> None:
     """Token-weighted loss and perplexity of a model on a text file."""
-    from peftgen import evaluate as evaluate_lib, model as model_lib, precision as precision_lib
-    from peftgen.config import TrainConfig
+    from peftgen import data, evaluate as evaluate_lib, model as model_lib, precision as precision_lib
+    from peftgen.config import MAX_BATCH, MAX_COUNT, TrainConfig
 
-    if batch_size < 1:
-        raise typer.BadParameter(f"must be at least 1, got {batch_size}", param_hint="--batch-size")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise PeftgenError(f"--batch-size must be between 1 and {MAX_BATCH}, got {batch_size}.")
+    if max_length is not None and not 3 <= max_length <= MAX_COUNT:
+        raise PeftgenError(f"--max-length must leave room for <BOS>, text and <EOS> (at least 3), got {max_length}.")
     resolved = precision_lib.resolve(precision)
+    data.read_lines(file, "evaluation file")  # a bad file fails before the model loads
     run = model_lib.run_folder(Path(model)) if Path(model).is_dir() else None
     special = None
     if run is not None:
-        max_length = max_length or model_lib.read_run_config(run)["max_length"]
+        saved = model_lib.read_run_config(run).get("max_length")
+        max_length = max_length or (saved if isinstance(saved, int) and saved >= 3 else None)
     else:
         defaults = TrainConfig()
         special = (defaults.bos_token, defaults.eos_token, defaults.pad_token)

@@ -141,7 +141,7 @@ class PeftgenTrainer(Trainer):
                 f" {folder / good[-1].name} holds the last good weights; continue from it with a lower learning rate: "
                 f"the same command with --resume --lr {lr / 10:g} (and without --overwrite)."
             )
-        return message + f" No checkpoint was saved before it: start again with a lower learning rate, e.g. --lr {lr / 10:g}."
+        return message + f" No checkpoint was saved before it: start again with a lower learning rate, e.g. --lr {lr / 10:g} --overwrite."
 
 
 def _final_evaluation(trainer) -> dict:

@@ -113,7 +113,7 @@ def get_decoders() -> dict[str, DecoderInfo]:
             impl.function(register=register)
         except PeftgenError:
             raise
-        except Exception as error:
+        except (Exception, SystemExit) as error:  # a plugin's sys.exit() must not end peftgen silently
             warnings.warn(f"Plugin '{plugin}' failed in register_decoders and is skipped: {type(error).__name__}: {error}", PluginWarning, stacklevel=2)
     return decoders
 
@@ -136,7 +136,7 @@ def _register(name: str, load, source: str) -> None:
         module = load()
     except PeftgenError:
         raise
-    except Exception as error:
+    except (Exception, SystemExit) as error:  # a plugin's sys.exit() must not end peftgen silently
         warnings.warn(f"Plugin '{name}' failed to load and is skipped: {type(error).__name__}: {error}", PluginWarning, stacklevel=3)
         return
     pm.register(module, name=name)

@@ -9,8 +9,9 @@ import warnings
 import pytest
 import torch
 
-from peftgen import TokenDecoder, hookimpl, plugins
+from peftgen import SequenceDecoder, TokenDecoder, hookimpl, plugins
 from peftgen.errors import PeftgenError
+from peftgen.generation.decoder import Completion
 from peftgen.testing import isolated_plugins
 
 BUILTINS = {"greedy": "peftgen.decoders.greedy", "topk": "peftgen.decoders.topk",
@@ -211,3 +212,162 @@ def test_importing_peftgen_does_not_import_torch():
 
     code = "import peftgen, sys; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+# Misbehaving decoders: each gets one clear error naming it, at whatever step -----
+
+def test_a_plugin_calling_sys_exit_at_import_is_a_warning_not_the_end(tmp_path):
+    path = write_plugin(tmp_path, "exiting_decoder", "import sys\nsys.exit(3)\n")
+    with isolated_plugins(), pytest.warns(plugins.PluginWarning, match=r"Plugin '.*exiting_decoder.py' failed to load and is skipped: SystemExit: 3"):
+        plugins.load_plugins([path])
+        assert set(BUILTINS) <= set(plugins.get_decoders())
+
+
+def test_a_plugin_calling_sys_exit_in_its_hook_is_a_warning():
+    class Exiting:
+        @hookimpl
+        def register_decoders(self, register):
+            raise SystemExit("bye")
+
+    with isolated_plugins() as pm:
+        pm.register(Exiting(), name="exiting")
+        with pytest.warns(plugins.PluginWarning, match=r"Plugin 'exiting' failed in register_decoders and is skipped: SystemExit: bye"):
+            assert set(BUILTINS) <= set(plugins.get_decoders())
+
+
+def test_the_cli_survives_a_plugin_that_exits_at_import(tmp_path):
+    from typer.testing import CliRunner
+
+    from peftgen.cli import app
+
+    path = write_plugin(tmp_path, "exiting_decoder", "import sys\nsys.exit(0)\n")
+    with isolated_plugins():
+        result = CliRunner().invoke(app, ["decoders", "--plugin", path])
+    assert result.exit_code == 0
+    assert "Warning: Plugin" in result.stderr and "SystemExit: 0" in result.stderr
+    assert "greedy" in result.stdout
+
+
+class LateOutOfRange(TokenDecoder):
+    """Fine for two steps, then an id past the vocabulary."""
+
+    name = "late-range"
+
+    def select(self, logits, ctx):
+        token = logits.shape[-1] + 5 if ctx.step == 2 else 1
+        return torch.full(logits.shape[:1], token, dtype=torch.long)
+
+
+class LateShape(TokenDecoder):
+    """Fine for three steps, then one id too many."""
+
+    name = "late-shape"
+
+    def select(self, logits, ctx):
+        return torch.ones(logits.shape[0] + (ctx.step == 3), dtype=torch.long)
+
+
+class LateNegative(TokenDecoder):
+    """Fine at first, then -1 for the last row."""
+
+    name = "late-negative"
+
+    def select(self, logits, ctx):
+        ids = torch.ones(logits.shape[0], dtype=torch.long)
+        ids[-1] = -1 if ctx.step == 4 else 1
+        return ids
+
+
+@pytest.mark.parametrize("decoder, message", [
+    (LateOutOfRange(), r"^Decoder 'late-range' returned token ids outside \[0, 96\) from select\(\) at step 2; it must return ids"),
+    (LateShape(), r"^Decoder 'late-shape' returned a tensor of shape \(4,\) from select\(\) at step 3; it must return a \(3,\) int64"),
+    (LateNegative(), r"^Decoder 'late-negative' returned token ids outside \[0, 96\) from select\(\) at step 4"),
+])
+def test_select_is_checked_at_every_step_not_only_the_first(decoder, message):
+    from peftgen.generation import generate
+    from peftgen.testing import tiny_model
+
+    with pytest.raises(PeftgenError, match=message):
+        generate(tiny_model(), [[1, 2], [3], [4, 5, 6]], decoder, max_new_tokens=8)
+
+
+class Typed(TokenDecoder):
+    """Its __init__ raises TypeError for a wrong combination; its option converter for odd text."""
+
+    name = "typed"
+
+    def __init__(self, width: int = 1, level: Level = None):
+        if width > 5:
+            raise TypeError("width above 5 needs a level")
+        self.width, self.level = width, level
+
+    def select(self, logits, ctx):
+        return logits.argmax(-1)
+
+
+class Level:
+    def __init__(self, text):
+        if not text.isdigit():
+            raise TypeError(f"a level is digits, not {text!r}")
+
+
+def test_type_errors_from_a_decoders_init_and_converter_are_clear_errors():
+    from peftgen.generation import build_decoder
+
+    with pytest.raises(PeftgenError, match=r"^Decoder 'typed' rejected its options: width above 5 needs a level\. Its options: width"):
+        build_decoder(Typed, {"width": "9"})
+    with pytest.raises(PeftgenError, match=r"^Option level='high' of decoder 'typed': a level is digits, not 'high'\."):
+        build_decoder(Typed, {"level": "high"})
+    assert build_decoder(Typed, {"width": "3", "level": "7"}).width == 3
+
+
+class Pickier(SequenceDecoder):
+    """validate() raises TypeError; decode() is never reached."""
+
+    name = "pickier"
+
+    def validate(self, num_return_sequences):
+        raise TypeError(f"{num_return_sequences} is not a good number")
+
+
+class Wrongful(SequenceDecoder):
+    """decode() returns what its result option says, instead of Completions."""
+
+    name = "wrongful"
+
+    def __init__(self, result="strings"):
+        self.result = result
+
+    def decode(self, engine, num_return_sequences):
+        engine.start()
+        return {
+            "dict": {"a": 1},
+            "strings": [["text"] for _ in range(engine.batch_size)],
+            "empty": [[] for _ in range(engine.batch_size)],
+            "float ids": [[Completion([1.5], "stop")] for _ in range(engine.batch_size)],
+            "reason": [[Completion([1], "done")] for _ in range(engine.batch_size)],
+            "short": [[engine.completion([1])]],
+        }[self.result]
+
+
+@pytest.mark.parametrize("result, message", [
+    ("dict", r"^Decoder 'wrongful' returned a dict from decode\(\); it must return one list of Completions per prompt\.$"),
+    ("strings", r"^Decoder 'wrongful' returned a str for prompt 0; each result must be a Completion"),
+    ("empty", r"^Decoder 'wrongful' returned an empty list for prompt 0; it must return a list of at least one Completion\.$"),
+    ("float ids", r"^Decoder 'wrongful' returned a Completion for prompt 0 whose token_ids are not a list of ints\.$"),
+    ("reason", r"^Decoder 'wrongful' returned a Completion for prompt 0 with finish_reason 'done'; it must be 'stop' or 'length'\.$"),
+    ("short", r"^Decoder 'wrongful' returned results for 1 prompts, expected 2\.$"),
+])
+def test_a_sequence_decoder_returning_something_else_than_completions_is_named(result, message):
+    from peftgen.generation import generate
+    from peftgen.testing import tiny_model
+
+    with pytest.raises(PeftgenError, match=message):
+        generate(tiny_model(), [[1, 2], [3]], Wrongful(result), max_new_tokens=4)
+
+
+def test_a_type_error_from_validate_is_a_clear_error():
+    from peftgen.generation import check_request
+
+    with pytest.raises(PeftgenError, match=r"^Decoder 'pickier': 2 is not a good number$"):
+        check_request(Pickier(), 2, 10)

@@ -167,9 +167,7 @@ def generate(
             raise
         except Exception as error:
             raise _decoder_error(decoder, "decode()", error) from error
-        if len(results) != engine.batch_size:
-            raise PeftgenError(f"Decoder '{decoder.name}' returned results for {len(results)} prompts, expected {engine.batch_size}.")
-        return [list(per_prompt)[:num_return_sequences] for per_prompt in results]
+        return _check_results(decoder, results, engine.batch_size, num_return_sequences)
 
 
 def check_request(decoder, num_return_sequences: int, max_new_tokens: int) -> None:
@@ -183,8 +181,12 @@ def check_request(decoder, num_return_sequences: int, max_new_tokens: int) -> No
     if isinstance(decoder, SequenceDecoder):
         try:
             decoder.validate(num_return_sequences)
-        except ValueError as error:
+        except (ValueError, TypeError) as error:
             raise PeftgenError(f"Decoder '{decoder.name}': {error}") from None
+        except PeftgenError:
+            raise
+        except Exception as error:
+            raise _decoder_error(decoder, "validate()", error) from error
 
 
 def context_length(model) -> int | None:
@@ -229,6 +231,11 @@ def _token_loop(engine: Engine, decoder: TokenDecoder, n: int, on_token) -> list
     finished = torch.zeros(N, dtype=torch.bool, device=engine.device)
     # Asking "all finished?" is free on CPU but a sync on an accelerator: there, ask every 8 steps.
     check_every = 1 if engine.device.type == "cpu" else 8
+    V = logits.shape[-1]
+    # Step at which select() first returned an id outside [0, V), -1 while none did. Kept
+    # on the device and read with the finished check, so validating costs no extra sync;
+    # the bad ids are replaced by padding meanwhile, so the model never indexes past its vocabulary.
+    first_bad = torch.full((), -1, dtype=torch.long, device=engine.device)
     steps = new
     for t in range(new):
         ctx = DecodeContext(engine.generator, tokens[:, : T0 + t], mask[:, : T0 + t], t, T0)
@@ -238,10 +245,14 @@ def _token_loop(engine: Engine, decoder: TokenDecoder, n: int, on_token) -> list
             raise
         except Exception as error:
             raise _decoder_error(decoder, f"select() at step {t}", error) from error
-        if t == 0:
-            _check_selection(decoder, chosen, logits)
+        _check_selection(decoder, chosen, logits, t)
         if chosen.dtype != torch.long:
             chosen = chosen.long()
+        outside = (chosen < 0) | (chosen >= V)  # (N,)
+        first_bad = torch.where((first_bad < 0) & outside.any(), t, first_bad)
+        chosen = chosen.masked_fill(outside, engine.pad_token_id)
+        if t % check_every == check_every - 1:
+            _check_range(decoder, first_bad, V)
         if len(stop):
             chosen = chosen.masked_fill(finished, engine.pad_token_id)  # finished rows idle on padding
         tokens[:, T0 + t] = chosen
@@ -254,27 +265,72 @@ def _token_loop(engine: Engine, decoder: TokenDecoder, n: int, on_token) -> list
                 break
         if t + 1 < new:
             logits = engine.step(chosen)
+    _check_range(decoder, first_bad, V)
     generated = tokens[:, T0 : T0 + steps].tolist()
     completions = [engine.completion(row) for row in generated]
     return [completions[b * n : (b + 1) * n] for b in range(B)]
 
 
-def _check_selection(decoder: TokenDecoder, chosen, logits: torch.Tensor) -> None:
-    """A plugin's select() must return (N,) integer token ids; say so clearly if it does not."""
-    N, V = logits.shape
+def _check_selection(decoder: TokenDecoder, chosen, logits: torch.Tensor, step: int) -> None:
+    """A plugin's select() must return (N,) integer token ids, at every step; say so clearly if it does not.
+
+    Only the type, shape and dtype are looked at here (no device sync); the range is _check_range's.
+    """
+    N = logits.shape[0]
     if not isinstance(chosen, torch.Tensor):
         problem = f"a {type(chosen).__name__}"
     elif chosen.shape != (N,):
         problem = f"a tensor of shape {tuple(chosen.shape)}"
-    elif chosen.dtype.is_floating_point or chosen.dtype == torch.bool:
+    elif chosen.dtype.is_floating_point or chosen.dtype.is_complex or chosen.dtype == torch.bool:
         problem = f"a {chosen.dtype} tensor"
-    elif int(chosen.min()) < 0 or int(chosen.max()) >= V:
-        problem = f"token ids outside [0, {V})"
     else:
         return
     raise PeftgenError(
-        f"Decoder '{decoder.name}' returned {problem} from select(); it must return a ({N},) int64 tensor of token ids."
+        f"Decoder '{decoder.name}' returned {problem} from select(){_at(step)}; it must return a ({N},) int64 tensor of token ids."
     )
+
+
+def _check_range(decoder: TokenDecoder, first_bad: torch.Tensor, V: int) -> None:
+    step = int(first_bad)
+    if step >= 0:
+        raise PeftgenError(
+            f"Decoder '{decoder.name}' returned token ids outside [0, {V}) from select(){_at(step)}; "
+            "it must return ids of the model's vocabulary."
+        )
+
+
+def _at(step: int) -> str:
+    return "" if step == 0 else f" at step {step}"
+
+
+def _check_results(decoder: SequenceDecoder, results, batch_size: int, n: int) -> list[list[Completion]]:
+    """A sequence decoder's answer must be, for each prompt, a non-empty list of Completions."""
+    name = decoder.name
+    if not isinstance(results, (list, tuple)):
+        raise PeftgenError(f"Decoder '{name}' returned a {type(results).__name__} from decode(); it must return one list of Completions per prompt.")
+    if len(results) != batch_size:
+        raise PeftgenError(f"Decoder '{name}' returned results for {len(results)} prompts, expected {batch_size}.")
+    checked = []
+    for index, per_prompt in enumerate(results):
+        if not isinstance(per_prompt, (list, tuple)) or not per_prompt:
+            what = "an empty list" if isinstance(per_prompt, (list, tuple)) else f"a {type(per_prompt).__name__}"
+            raise PeftgenError(f"Decoder '{name}' returned {what} for prompt {index}; it must return a list of at least one Completion.")
+        for completion in per_prompt:
+            if not isinstance(completion, Completion):
+                raise PeftgenError(
+                    f"Decoder '{name}' returned a {type(completion).__name__} for prompt {index}; "
+                    "each result must be a Completion (engine.completion(token_ids, score) makes one)."
+                )
+            ids = completion.token_ids
+            if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise PeftgenError(f"Decoder '{name}' returned a Completion for prompt {index} whose token_ids are not a list of ints.")
+            if completion.finish_reason not in ("stop", "length"):
+                raise PeftgenError(
+                    f"Decoder '{name}' returned a Completion for prompt {index} with finish_reason "
+                    f"{str(completion.finish_reason)[:40]!r}; it must be 'stop' or 'length'."
+                )
+        checked.append(list(per_prompt)[:n])
+    return checked
 
 
 def _decoder_error(decoder, where: str, error: Exception) -> PeftgenError:

@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Union
 
+from peftgen.config import short
 from peftgen.errors import PeftgenError
 
 _TRUE = {"true", "yes", "on", "1"}
@@ -111,9 +112,9 @@ def parse_pairs(pairs: list[str] | None) -> dict[str, str]:
         key, sep, value = pair.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise PeftgenError(f"-o expects key=value, got '{pair}'. Example: -o temperature=0.7")
+            raise PeftgenError(f"-o expects key=value, got {short(pair)}. Example: -o temperature=0.7")
         if key in options:
-            raise PeftgenError(f"-o {key} is given twice ({key}={options[key]} and {key}={value}). Give it once.")
+            raise PeftgenError(f"-o {short(key)[1:-1]} is given twice ({short(options[key])} and {short(value)}). Give it once.")
         options[key] = value
     return options
 
@@ -139,13 +140,17 @@ def build_decoder(cls: type, given: Mapping[str, Any] | None = None):
         if isinstance(value, str):
             try:
                 value = convert(value, options[key].annotation)
-            except ValueError as error:
-                raise PeftgenError(f"Option {key}={value!r} of decoder '{cls.name}': {error}. {listing}") from None
+            except (ValueError, TypeError, ArithmeticError) as error:  # a plugin's own converter may raise any of these
+                raise PeftgenError(f"Option {key}={short(value)} of decoder '{cls.name}': {error}. {listing}") from None
         kwargs[key] = value
     try:
         return cls(**kwargs)
-    except ValueError as error:
+    except (ValueError, TypeError) as error:
         raise PeftgenError(f"Decoder '{cls.name}' rejected its options: {error}. {listing}") from None
+    except PeftgenError:
+        raise
+    except Exception as error:
+        raise PeftgenError(f"Decoder '{cls.name}' failed in __init__(): {type(error).__name__}: {error}. {listing}") from None
 
 
 def resolved_options(decoder) -> dict[str, Any]:

@@ -89,6 +89,7 @@ class TrainConfig:
     optim: str = "adamw_torch_fused"  # any optimizer name transformers' TrainingArguments takes
     attention_dropout: Optional[float] = 0.0  # None: the model's own (GPT-2: 0.1, which forces unfused attention)
     frozen_bf16: bool = True  # lora/8bit under bf16: frozen weights stored in bf16 (what autocast would cast them to)
+    fast_token_rows: bool = True  # lora/8bit: new-token rows applied directly, not via a copy of the whole matrix
     report_to: list[str] = field(default_factory=list)  # e.g. [tensorboard], [wandb]
     resume: bool = False
     overwrite: bool = False
@@ -114,8 +115,10 @@ class TrainConfig:
             )
         if not self.train_file:
             raise PeftgenError("No training data: pass --train-file FILE (or train_file: in the YAML).")
-        if not self.output_dir:
+        if not self.output_dir.strip():
             raise PeftgenError("output_dir is empty: pass --output-dir FOLDER (or output_dir: in the YAML).")
+        if not self.model.strip():
+            raise PeftgenError("model is empty: pass --model with a Hub id, a model folder or a .gguf file.")
         counts = ("batch_size", "grad_accum", "max_length", "eval_steps", "save_steps", "logging_steps", "lora_r", "lora_alpha")
         for name in counts:
             if getattr(self, name) < 1:

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 import torch
 import yaml
 
+from peftgen import efficiency, token_rows
 from peftgen.errors import PeftgenError
 
 RUN_CONFIG = "peftgen.yaml"  # marks a folder as a peftgen run
@@ -365,7 +366,7 @@ def check_target_modules(model, targets: list[str]) -> None:
         )
 
 
-def prepare_for_training(config):
+def prepare_for_training(config, precision: str = "fp32"):
     """Base model + special tokens, wrapped for config.mode. Returns (model, tokenizer, new_ids).
 
     full: every weight trains, the new rows included.
@@ -379,6 +380,8 @@ def prepare_for_training(config):
     model, tokenizer = load_pretrained(config.model, quantize_8bit=config.mode == "8bit")
     check_fit(model, config)
     new_ids = add_special_tokens(model, tokenizer, config.bos_token, config.eos_token, config.pad_token)
+    if config.attention_dropout is not None:
+        efficiency.set_attention_dropout(model, config.attention_dropout)
     if config.mode == "full":
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -406,7 +409,12 @@ def prepare_for_training(config):
         trainable_token_indices=token_indices,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora), tokenizer, new_ids
+    model = get_peft_model(model, lora)
+    if config.fast_token_rows:
+        token_rows.speed_up(model)
+    if config.frozen_bf16 and precision == "bf16":
+        efficiency.store_frozen_in_bf16(model)
+    return model, tokenizer, new_ids
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -22,7 +22,8 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import rotate_checkpoints
 
-from peftgen import config as config_lib, data, model as model_lib, plot, precision as precision_lib, runs
+from peftgen import batching, config as config_lib, data, model as model_lib, plot, precision as precision_lib, runs
+from peftgen.fused_loss import FusedHeadLoss
 from peftgen.errors import PeftgenError
 
 LOSS_PLOT = "loss.png"
@@ -47,6 +48,14 @@ class PeftgenTrainer(Trainer):
         if "eval_loss" in logs:
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
         super().log(logs, start_time)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not isinstance(self.compute_loss_func, FusedHeadLoss):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # The model runs whole (through DDP and accelerate's autocast) with its
+        # output layer passing hidden states through; the fused loss applies it.
+        with self.compute_loss_func.bypass():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Trainer saves a PeftModel with PEFT's save_embedding_layers="auto",
@@ -144,6 +153,17 @@ class PeftgenTrainer(Trainer):
         return message + f" No checkpoint was saved before it: start again with a lower learning rate, e.g. --lr {lr / 10:g} --overwrite."
 
 
+def speed_settings(config: config_lib.TrainConfig, model, tokenizer, precision: str) -> tuple[bool, FusedHeadLoss | None]:
+    """Whether batches are packed, and the fused loss if any: what was asked, where this model allows it."""
+    packing = config.packing and batching.packing_works(model, len(tokenizer), tokenizer.pad_token_id, precision)
+    if config.packing and not packing:
+        runs.note(f"{type(model).__name__} does not keep packed examples apart: batches are padded instead.")
+    loss = FusedHeadLoss(model) if config.fused_loss and FusedHeadLoss.supports(model) else None
+    if config.fused_loss and loss is None:
+        runs.note("this model's output layer is not a plain linear head: the loss is transformers' own.")
+    return packing, loss
+
+
 def _final_evaluation(trainer) -> dict:
     """The validation metrics of the final weights: those of the last step's scheduled
     evaluation when there was one (no best-model reloading happens here), else a new one."""
@@ -182,6 +202,7 @@ def training_arguments(config: config_lib.TrainConfig, output: Path, precision: 
         remove_unused_columns=False,  # our dataset yields exactly what the model takes
         disable_tqdm=not progress,
         dataloader_num_workers=0,
+        optim=config.optim,
     )
 
 
@@ -196,7 +217,7 @@ def train(config: config_lib.TrainConfig, progress: bool = True) -> TrainResult:
     # or a refused folder fails in a second and changes nothing on disk.
     run = processes.on_main(_check_inputs, config)
     set_seed(config.seed)
-    model, tokenizer, new_ids = model_lib.prepare_for_training(config)
+    model, tokenizer, new_ids = model_lib.prepare_for_training(config, precision)
     train_examples, valid_examples = processes.on_main(_examples, config, tokenizer)  # tokenized once
     train_set = data.LineDataset(train_examples)
     valid_set = data.LineDataset(valid_examples) if valid_examples is not None else None
@@ -218,13 +239,15 @@ def train(config: config_lib.TrainConfig, progress: bool = True) -> TrainResult:
         "valid_examples": len(valid_set) if valid_set else 0,
         "trainable_params": trainable,
     }
+    packing, loss = speed_settings(config, model, tokenizer, precision)
     try:
         trainer = PeftgenTrainer(
             model=model,
             args=training_arguments(config, output, precision, valid_set is not None, progress),
             train_dataset=train_set,
             eval_dataset=valid_set,
-            data_collator=data.PadCollator(tokenizer.pad_token_id),
+            data_collator=batching.collator(packing, tokenizer.pad_token_id),
+            compute_loss_func=loss,
             processing_class=tokenizer,
         )
         if config.sample_every:

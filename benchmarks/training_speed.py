@@ -1,0 +1,297 @@
+"""Training speed and peak memory of peftgen's modes against plain transformers.Trainer.
+
+    python benchmarks/training_speed.py                 # GPT-2 small and SmolLM2-135M shapes, every row
+    python benchmarks/training_speed.py --shapes gpt2 --ablations
+    python benchmarks/training_speed.py --quick         # a tiny model, a few steps: keeps the script working
+
+Models are built from configs with random weights (GPT-2 small: 12 layers,
+width 768; SmolLM2-135M's Llama shape: 30 layers, width 576) and the GPT-2
+tokenizer plus <BOS>/<EOS>/<PAD>: nothing is downloaded. The data are the
+shipped book-summary sample cut by ``peftgen prepare`` into pieces of at most
+512 tokens: 24 training pieces, 8 validation pieces.
+
+Every row runs in a fresh process, so its peak memory is its own:
+
+- speed: one epoch over the 24 pieces, batch 2, no evaluation during
+  training; label tokens/s = predicted tokens (padding excluded) / Trainer's
+  train_runtime. Then the validation loss per token of the trained weights,
+  computed the same way for every row (fp32, token-weighted).
+- memory: 3 steps of batch 2 x 512 tokens; peak resident memory of the
+  process (ru_maxrss), which includes about 0.4 GB of imported libraries.
+
+Rows: "recipe" is the article's run_language_modeling.py --line_by_line on
+plain Trainer (fp32, padded to the longest example, its default optimizer,
+the model's own dropout, lr 5e-5); "trainer-bf16" is the same with bf16=True;
+then peftgen train --mode full / lora / 8bit at their defaults. --ablations
+adds peftgen rows with one technique switched off each.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER = ROOT / "tests" / "assets" / "gpt2-tokenizer"
+SAMPLE = ROOT / "data" / "cmu-booksummaries-sample.tsv"
+
+SHAPES = {
+    "gpt2": ("GPT-2 small (124M)", dict(kind="gpt2", n_layer=12, n_embd=768, n_head=12, n_positions=1024)),
+    "smollm2": (
+        "SmolLM2-135M shape (Llama, GPT-2 vocabulary)",
+        dict(kind="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+             num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True),
+    ),
+    "tiny": ("tiny GPT-2 (quick check)", dict(kind="gpt2", n_layer=2, n_embd=64, n_head=2, n_positions=1024)),
+}
+ROWS = ["recipe", "trainer-bf16", "full", "lora", "8bit"]
+# Each ablation is a peftgen mode with one setting changed from its default.
+ABLATIONS = {
+    "full, padded batches": ("full", {"packing": False}),
+    "full, transformers' loss": ("full", {"fused_loss": False}),
+    "full, model's attention dropout": ("full", {"attention_dropout": None}),
+    "full, adamw_torch (not fused)": ("full", {"optim": "adamw_torch"}),
+    "lora, fp32 frozen weights": ("lora", {"frozen_bf16": False}),
+    "lora, PEFT's token rows": ("lora", {"fast_token_rows": False}),
+    "lora, transformers' loss": ("lora", {"fused_loss": False}),
+    "lora, gradient checkpointing": ("lora", {"gradient_checkpointing": True}),
+    "lora, lora_dropout 0.05": ("lora", {"lora_dropout": 0.05}),
+}
+BATCH, EPOCHS, RECIPE_LR = 2, 1.0, 5e-5
+
+
+# ------------------------------------------------------------------ setup (parent process)
+
+
+def build_model(shape: str, folder: Path) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
+
+    if (folder / "config.json").is_file():
+        return folder
+    spec = dict(SHAPES[shape][1])
+    kind = spec.pop("kind")
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    config = (GPT2Config if kind == "gpt2" else LlamaConfig)(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, **spec
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_data(folder: Path, n_train: int, n_valid: int) -> dict[str, Path]:
+    """Speed files (pieces of at most 512 tokens) and a memory file (every example exactly 512 tokens)."""
+    from peftgen import prepare as prepare_lib
+
+    prepared = folder / "prepared"
+    if not (prepared / "train.txt").is_file():
+        prepare_lib.prepare(SAMPLE, prepared, tokenizer=str(TOKENIZER), max_tokens=512, overwrite=True)
+    train = (prepared / "train.txt").read_text(encoding="utf-8").splitlines()
+    valid = (prepared / "valid.txt").read_text(encoding="utf-8").splitlines()
+    files = {"train": folder / "train.txt", "valid": folder / "valid.txt", "long": folder / "long.txt"}
+    files["train"].write_text("\n".join(train[:n_train]) + "\n", encoding="utf-8")
+    files["valid"].write_text("\n".join(valid[:n_valid]) + "\n", encoding="utf-8")
+    # Three pieces side by side make a line of well over 512 tokens, cut to 512 exactly.
+    long_lines = [" ".join(line.replace("<BOS>", "").replace("<EOS>", "") for line in train[i : i + 3]) for i in range(0, 18, 3)]
+    files["long"].write_text("\n".join(long_lines) + "\n", encoding="utf-8")
+    return files
+
+
+# ------------------------------------------------------------------ one row (child process)
+
+
+def label_tokens(examples: list[list[int]]) -> int:
+    return sum(len(ids) - 1 for ids in examples)  # position 0 is never predicted
+
+
+def run_plain(model_dir: Path, files: dict, bf16: bool, memory: bool, output: Path) -> dict:
+    """The article's recipe: run_language_modeling.py --line_by_line on plain Trainer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from peftgen import data, model as model_lib
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model_lib.add_special_tokens(model, tokenizer, "<BOS>", "<EOS>", "<PAD>")
+    model.loss_type = "ForCausalLM"
+    file = files["long" if memory else "train"]
+    examples = data.load_examples(file, tokenizer, 512)
+    args = TrainingArguments(
+        output_dir=str(output), per_device_train_batch_size=BATCH, learning_rate=RECIPE_LR,
+        num_train_epochs=EPOCHS, max_steps=3 if memory else -1, bf16=bf16, use_cpu=True, report_to="none",
+        save_strategy="no", logging_steps=1, disable_tqdm=True, seed=42, data_seed=42,
+    )
+    collate = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    trainer = Trainer(model=model, args=args, train_dataset=data.LineDataset(examples), data_collator=collate)
+    metrics = trainer.train().metrics
+    result = {"runtime": metrics["train_runtime"], "train_loss": metrics["train_loss"], "label_tokens": label_tokens(examples)}
+    result["peak_rss"] = peak_rss()
+    if not memory:
+        result["valid_loss"] = validation_loss(trainer.model, tokenizer, files["valid"])
+    return result
+
+
+def run_peftgen(model_dir: Path, files: dict, mode: str, overrides: dict, memory: bool, output: Path) -> dict:
+    from peftgen import config as config_lib, data, model as model_lib, train as train_lib
+
+    settings = dict(
+        model=str(model_dir), mode=mode, train_file=str(files["long" if memory else "train"]), output_dir=str(output),
+        batch_size=BATCH, epochs=EPOCHS, max_steps=3 if memory else -1, save_steps=10_000, logging_steps=1,
+        max_length=512, overwrite=True,
+    )
+    settings.update(overrides)
+    config = config_lib.resolve(None, settings)
+    result = train_lib.train(config, progress=False)
+    out = {"runtime": result.metrics["train_runtime"], "train_loss": result.metrics["train_loss"], "peak_rss": peak_rss()}
+    loaded, tokenizer = model_lib.load(output)
+    out["label_tokens"] = label_tokens(data.load_examples(settings["train_file"], tokenizer, 512))
+    if not memory:
+        out["valid_loss"] = validation_loss(loaded, tokenizer, files["valid"])
+    return out
+
+
+def validation_loss(model, tokenizer, file: Path) -> float:
+    from peftgen import evaluate as evaluate_lib
+
+    model.eval()
+    return evaluate_lib.evaluate(model.float(), tokenizer, file, batch_size=4, max_length=512, precision="fp32", progress=False).loss
+
+
+def peak_rss() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB; GB
+
+
+def child(args) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    files = {k: Path(v) for k, v in json.loads(args.files).items()}
+    output = Path(tempfile.mkdtemp(prefix="row-", dir=args.work))
+    overrides = json.loads(args.overrides)
+    if args.row in ("recipe", "trainer-bf16"):
+        result = run_plain(Path(args.model_dir), files, args.row == "trainer-bf16", args.memory, output)
+    else:
+        result = run_peftgen(Path(args.model_dir), files, args.row, overrides, args.memory, output)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ------------------------------------------------------------------ the table (parent process)
+
+
+def run_row(name: str, row: str, overrides: dict, model_dir: Path, files: dict, work: Path, memory: bool) -> dict:
+    command = [
+        sys.executable, __file__, "--child", "--row", row, "--model-dir", str(model_dir), "--work", str(work),
+        "--files", json.dumps({k: str(v) for k, v in files.items()}), "--overrides", json.dumps(overrides),
+    ] + (["--memory"] if memory else [])
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail)}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def machine() -> str:
+    import torch
+
+    from peftgen.precision import cpu_has_fast_bf16
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    features = [f for f in ("amx_tile", "avx512_bf16") if f in flags]
+    return (
+        f"{cpu}, {os.cpu_count()} cores ({', '.join(features) or 'no AMX/AVX512-BF16'}; fast bf16: {cpu_has_fast_bf16()}), "
+        f"torch {torch.__version__}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="gpt2,smollm2", help="comma-separated: " + ", ".join(SHAPES))
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
+    parser.add_argument("--ablations", action="store_true", help="also run each technique switched off (first shape only)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the 512-token memory rows")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 6 training pieces: a smoke test of this script")
+    parser.add_argument("--work", default=None, help="folder for models, data and runs (default: a temporary folder)")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--row", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--files", help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(args.work or tempfile.mkdtemp(prefix="peftgen-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    shapes = ["tiny"] if args.quick else args.shapes.split(",")
+    rows = [(row, row, {}) for row in args.rows.split(",")]
+    if args.ablations:
+        rows += [(name, mode, overrides) for name, (mode, overrides) in ABLATIONS.items()]
+    files = build_data(work, 6 if args.quick else 24, 4 if args.quick else 8)
+    print(f"machine: {machine()}")
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (rows are timed one after another; a busy machine skews them)")
+    results = []
+    for shape in shapes:
+        model_dir = build_model(shape, work / f"model-{shape}")
+        print(f"\n{SHAPES[shape][0]}: batch {BATCH}, {EPOCHS:g} epoch; memory: 3 steps of {BATCH} x 512 tokens")
+        print(f"{'row':34} {'label tok/s':>11} {'vs recipe':>9} {'train loss':>10} {'valid loss':>10} {'peak GB':>8} {'vs full':>7}")
+        table = {}
+        for name, row, overrides in rows:
+            if shape != shapes[0] and overrides:
+                continue
+            speed = run_row(name, row, overrides, model_dir, files, work, memory=False)
+            memory = {} if args.no_memory or overrides else run_row(name, row, overrides, model_dir, files, work, memory=True)
+            entry = {"shape": shape, "row": name, "speed": speed, "memory": memory}
+            table[name] = entry
+            results.append(entry)
+            print(format_row(name, entry, table), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "results": results}, indent=2), encoding="utf-8")
+
+
+def format_row(name: str, entry: dict, table: dict) -> str:
+    speed, memory = entry["speed"], entry["memory"]
+    if "error" in speed:
+        return f"{name:34} failed: {speed['error'][:200]}"
+    rate = speed["label_tokens"] / speed["runtime"]
+    entry["tokens_per_s"] = rate
+    recipe = table.get("recipe", {}).get("tokens_per_s")
+    ratio = f"{rate / recipe:8.2f}x" if recipe else f"{'':9}"
+    peak = memory.get("peak_rss") if memory and "error" not in memory else None
+    full_peak = (table.get("full", {}).get("memory") or {}).get("peak_rss")
+    vs_full = f"{peak / full_peak:6.0%}" if peak and full_peak else f"{'':7}"
+    peak_text = f"{peak:8.2f}" if peak else f"{'-':>8}"
+    return (
+        f"{name:34} {rate:11.0f} {ratio} {speed['train_loss']:10.4f} {speed.get('valid_loss', float('nan')):10.4f} "
+        f"{peak_text} {vs_full}"
+    )
+
+
+if __name__ == "__main__":
+    started = time.perf_counter()
+    main()
+    if "--child" not in sys.argv:
+        print(f"\n{time.perf_counter() - started:.0f} s in all")

@@ -1,0 +1,75 @@
+"""How examples become batches: padded to the longest, or packed end to end without padding.
+
+Packed (``packing: true``, the default) uses transformers' own
+``DataCollatorWithFlattening``: the batch's examples are laid end to end in
+one row, ``position_ids`` restart at 0 for each, and the first token of each
+example gets no label, so no example predicts across its neighbour. From
+the restarting ``position_ids`` transformers builds a block-diagonal causal
+mask (SDPA and eager on CPU; FlashAttention's variable-length kernels on
+GPUs), so each example attends only to itself: the same loss as padding,
+without computing the padding (tests/test_batching.py checks both).
+
+Not every architecture reads packed positions that way, so ``packing_works``
+tries it on the model itself before training and peftgen falls back to
+padding where the two disagree.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import DataCollatorWithFlattening
+
+from peftgen.data import IGNORE_INDEX, PadCollator
+
+
+class PackedCollator(DataCollatorWithFlattening):
+    """transformers' flattening collator, plus ``use_cache=False``.
+
+    transformers builds the block-diagonal mask from ``position_ids`` only
+    when the forward pass has no KV cache, and models open one by default
+    (``config.use_cache``), in training too.
+    """
+
+    def __init__(self):
+        super().__init__(return_position_ids=True, separator_id=IGNORE_INDEX)
+
+    def __call__(self, features, return_tensors=None, separator_id=None):
+        batch = super().__call__(features, return_tensors, separator_id)
+        batch["use_cache"] = False
+        return batch
+
+
+def collator(packing: bool, pad_token_id: int):
+    """The data collator for Trainer: packed batches, or right-padded ones."""
+    return PackedCollator() if packing else PadCollator(pad_token_id)
+
+
+@torch.no_grad()
+def packing_works(model, vocab: int, pad_token_id: int, precision: str = "fp32") -> bool:
+    """Whether two short examples packed in one row give the logits they give padded in two rows.
+
+    A model that ignores packed positions lets the second example attend to
+    the first: its logits then move by a good fraction of their size, far
+    beyond the rounding of bf16 that the tolerance allows for.
+    """
+    from peftgen.precision import autocast
+
+    examples = [{"input_ids": [(11 + i) % vocab for i in range(5)]}, {"input_ids": [(101 + i) % vocab for i in range(3)]}]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        packed = collator(True, pad_token_id)(examples)
+        padded = collator(False, pad_token_id)(examples)
+        with autocast(precision):
+            packed_logits = model(
+                input_ids=packed["input_ids"].to(device), position_ids=packed["position_ids"].to(device), use_cache=False
+            ).logits[0]
+            padded_logits = model(input_ids=padded["input_ids"].to(device), attention_mask=padded["attention_mask"].to(device)).logits
+        expected = padded_logits[padded["attention_mask"].bool().to(device)].float()  # (8, V)
+        error = (packed_logits.float() - expected).abs().max()
+        tolerance = (2e-2 if precision != "fp32" else 1e-4) * expected.abs().max() + 1e-5
+        return bool(error <= tolerance)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    finally:
+        model.train(was_training)

@@ -1,0 +1,182 @@
+"""The training loss computed from hidden states, without ever holding the full logits.
+
+A 50k-token vocabulary makes the logits of one batch of 2 x 512 tokens a
+(1024, 50260) matrix: 206 MB in fp32, and the usual path keeps several such
+copies (bf16 logits, their fp32 upcast, the softmax, its gradient), more than
+all twelve layers of GPT-2 small hold. Here the output layer and the
+cross-entropy run together, one chunk of label positions at a time, and the
+gradients with respect to the hidden states and the head's weight are made
+in the same pass (softmax minus one-hot, times the weight), so nothing of
+size (tokens, vocabulary) outlives its chunk. Positions without a label
+(padding, the first token of each packed example) are dropped before the
+head runs.
+
+Written by hand because neither torch nor transformers offers a fused
+linear + cross-entropy on CPU (Liger's and Apple's cut-cross-entropy are
+Triton kernels for GPUs); the math is the textbook one, checked against
+``F.cross_entropy(F.linear(h, W), y)`` value for value and gradient for
+gradient in tests/test_fused_loss.py.
+
+With PEFT's trainable token rows (LoRA and 8-bit runs), the head's weight is
+the frozen base matrix except rows ``index``, which come from a small
+trainable ``delta``: only ``delta`` gets a gradient, never the 50k x C base.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from peftgen.data import IGNORE_INDEX
+
+CHUNK = 512  # label positions per pass of head + softmax: 512 x 50k fp32 is 100 MB
+
+# Architectures whose logits are exactly lm_head(last hidden state): no
+# softcapping, logit scale or bias after the head. Others keep transformers'
+# own loss.
+PLAIN_HEAD_MODELS = {
+    "gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo", "olmo2", "gpt_neox", "gptj", "opt",
+}
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum over rows of -log softmax(h W^T)[y], with its gradients made during the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, delta, index, labels, compute_dtype, chunk):
+        # hidden (N, C), weight (V, C), delta (K, C) or None, index (K,) or None, labels (N,)
+        want_weight = weight.requires_grad
+        want_delta = delta is not None and delta.requires_grad
+        w = weight.detach().to(compute_dtype)  # (V, C): one cast per step, shared by every chunk
+        d = delta.detach().to(compute_dtype) if delta is not None else None  # (K, C)
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        grad_delta = torch.zeros(delta.shape, dtype=torch.float32, device=delta.device) if want_delta else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk].detach().to(compute_dtype)  # (n, C)
+            y = labels[start : start + chunk]  # (n,)
+            logits = (h @ w.T).float()  # (n, V)
+            if d is not None:  # the trainable rows replace the base rows at index
+                logits[:, index] = (h @ d.T).float()
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            # d(sum of losses)/d(logits) = softmax - one_hot(y), built in place over the logits
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad[torch.arange(len(y), device=y.device), y] -= 1.0
+            grad = grad.to(compute_dtype)  # (n, V)
+            gh = grad @ w  # (n, C)
+            if d is not None:  # columns at index were made by delta, not by the base rows
+                g_rows = grad[:, index]  # (n, K)
+                gh += g_rows @ d - g_rows @ w[index]
+                if want_delta:
+                    grad_delta += (g_rows.T @ h).float()
+                if want_weight:
+                    grad[:, index] = 0
+            grad_hidden[start : start + chunk] = gh
+            if want_weight:
+                grad_weight += (grad.T @ h).float()  # (V, C)
+        ctx.grads = (grad_hidden, grad_weight, grad_delta)
+        ctx.weight_dtype = weight.dtype
+        ctx.delta_dtype = delta.dtype if delta is not None else None
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_delta = ctx.grads
+        ctx.grads = None
+        scale = grad_output.float()
+        grad_hidden.mul_(scale.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(scale).to(ctx.weight_dtype)
+        if grad_delta is not None:
+            grad_delta = grad_delta.mul_(scale).to(ctx.delta_dtype)
+        return grad_hidden, grad_weight, grad_delta, None, None, None, None
+
+
+def linear_cross_entropy(hidden, weight, labels, *, delta=None, index=None, chunk: int = CHUNK):
+    """Summed cross-entropy of ``hidden @ weight.T`` (rows ``index`` from ``delta``) against ``labels``.
+
+    hidden: (N, C) for the N positions that have a label; labels: (N,).
+    Under autocast the matmuls run in its dtype, the softmax in fp32.
+    """
+    device = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        compute_dtype = torch.float32
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropy.apply(hidden, weight, delta, index, labels, compute_dtype, chunk)
+
+
+@dataclass
+class _Head:
+    module: torch.nn.Module  # what the model calls as its output layer
+    weight: torch.Tensor  # (V, C)
+    delta: torch.Tensor | None  # (K, C) trainable rows, or None
+    index: torch.Tensor | None  # (K,) their token ids
+
+
+def _find_head(model) -> _Head | None:
+    """The output layer and the tensors that make its weight; None where the loss cannot be fused."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "model_type", None) not in PLAIN_HEAD_MODELS:
+        return None
+    head = base.get_output_embeddings()
+    if head is None:
+        return None
+    adapter = getattr(head, "token_adapter", None)  # PEFT's TrainableTokensWrapper
+    layer = adapter.base_layer if adapter is not None else head
+    if not isinstance(layer, torch.nn.Linear) or layer.bias is not None:
+        return None
+    if adapter is None:
+        return _Head(head, layer.weight, None, None)
+    names = list(adapter.active_adapters)
+    if len(names) != 1 or adapter.merged:
+        return None
+    delta = adapter.trainable_tokens_delta[names[0]]
+    index = torch.tensor(adapter.token_indices[names[0]], device=delta.device)
+    return _Head(head, layer.weight, delta, index)
+
+
+class FusedHeadLoss:
+    """Trainer's ``compute_loss_func`` for a model whose output layer is bypassed.
+
+    ``with loss.bypass(): outputs = model(**inputs)`` makes the output layer
+    return its input, so ``outputs.logits`` holds the last hidden states
+    (B, T, C); calling the object with those outputs and the labels gives the
+    loss. The model is still called as a whole (through DDP and Trainer's
+    hooks), only its last matmul moves here.
+    """
+
+    def __init__(self, model):
+        head = _find_head(model)
+        if head is None:
+            raise ValueError("this model's output layer cannot be fused with the loss")
+        self.head = head
+
+    @classmethod
+    def supports(cls, model) -> bool:
+        return _find_head(model) is not None
+
+    @contextlib.contextmanager
+    def bypass(self):
+        module = self.head.module
+        module.forward = _identity  # an instance attribute shadows the class's forward
+        try:
+            yield
+        finally:
+            del module.forward
+
+    def __call__(self, outputs, labels, num_items_in_batch=None):
+        hidden = outputs["logits"] if isinstance(outputs, dict) else outputs[0]  # (B, T, C)
+        targets = labels[..., 1:]  # position t predicts token t + 1
+        keep = targets != IGNORE_INDEX  # (B, T - 1)
+        rows = hidden[..., :-1, :][keep]  # (N, C)
+        total = linear_cross_entropy(rows, self.head.weight, targets[keep], delta=self.head.delta, index=self.head.index)
+        count = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
+        return total / count
+
+
+def _identity(hidden, *args, **kwargs):
+    return hidden

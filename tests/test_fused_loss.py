@@ -1,0 +1,85 @@
+"""The fused output layer + cross-entropy equals the plain one, in value and in every gradient."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peftgen import config as config_lib, model as model_lib
+from peftgen.fused_loss import FusedHeadLoss, linear_cross_entropy
+
+
+def _problem(n=300, c=32, v=1000, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, c, generator=generator).requires_grad_()
+    weight = torch.randn(v, c, generator=generator).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=generator)
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("chunk", [7, 128, 1000])
+def test_value_and_gradients_equal_linear_then_cross_entropy(chunk):
+    hidden, weight, labels = _problem()
+    expected = F.cross_entropy(F.linear(hidden, weight), labels, reduction="sum")
+    expected.backward()
+    want_h, want_w = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    got = linear_cross_entropy(hidden, weight, labels, chunk=chunk)
+    (got * 0.25).backward()  # the incoming gradient scales every result
+    assert torch.allclose(got, expected, rtol=1e-5)
+    assert torch.allclose(hidden.grad, want_h * 0.25, atol=1e-5)
+    assert torch.allclose(weight.grad, want_w * 0.25, atol=1e-5)
+
+
+def test_trainable_rows_replace_base_rows_and_only_they_get_a_gradient():
+    hidden, weight, labels = _problem()
+    frozen = weight.detach()
+    index = torch.tensor([3, 500, 999])
+    labels[:40] = index[torch.arange(40) % 3]  # the new tokens are targets too
+    delta = torch.randn(3, 32).requires_grad_()
+    expected = F.cross_entropy(F.linear(hidden, frozen.index_copy(0, index, delta)), labels, reduction="sum")
+    expected.backward()
+    want_h, want_d = hidden.grad.clone(), delta.grad.clone()
+    hidden.grad = delta.grad = None
+
+    got = linear_cross_entropy(hidden, frozen, labels, delta=delta, index=index, chunk=64)
+    got.backward()
+    assert torch.allclose(got, expected, rtol=1e-5)
+    assert torch.allclose(hidden.grad, want_h, atol=1e-5)
+    assert torch.allclose(delta.grad, want_d, atol=1e-5)
+    assert frozen.grad is None
+
+
+def test_under_bf16_autocast_it_stays_close_to_fp32():
+    hidden, weight, labels = _problem()
+    exact = F.cross_entropy(F.linear(hidden, weight), labels, reduction="sum")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cross_entropy(hidden, weight, labels)
+    assert got.dtype == torch.float32
+    assert abs(got.item() - exact.item()) / exact.item() < 1e-2
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_a_model_loss_through_the_bypassed_head_equals_transformers_loss(mode, tiny_gpt2):
+    settings = {"model": str(tiny_gpt2), "mode": mode, "train_file": "x", "lora_r": 4, "lora_alpha": 8}
+    model = model_lib.prepare_for_training(config_lib.resolve(None, settings))[0].eval()
+    base = model.get_base_model() if mode != "full" else model
+    base.loss_type = "ForCausalLM"
+    ids = torch.tensor([[50257, 464, 1468, 50258, 50259], [50257, 318, 257, 1332, 50258]])
+    labels = ids.masked_fill(ids == 50259, -100)
+    expected = model(input_ids=ids, labels=labels).loss
+    loss = FusedHeadLoss(model)
+    with loss.bypass():
+        outputs = model(input_ids=ids)
+    assert outputs.logits.shape == (2, 5, base.config.n_embd)  # hidden states, not logits
+    assert torch.allclose(loss(outputs, labels), expected, atol=1e-5)
+    assert model(input_ids=ids).logits.shape[-1] == 50260  # the head is back after the bypass
+
+
+def test_architectures_with_a_head_it_cannot_fuse_are_refused(tiny_gpt2):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    model.config.model_type = "gemma2"  # logit softcapping after the head
+    assert not FusedHeadLoss.supports(model)
+    with pytest.raises(ValueError):
+        FusedHeadLoss(model)

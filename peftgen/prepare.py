@@ -113,9 +113,9 @@ def parse_split(spec: str | tuple[float, ...]) -> tuple[float, float, float]:
         parts = tuple(float(p) for p in (spec.split(",") if isinstance(spec, str) else spec))
     except ValueError:
         parts = ()
-    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1) > 1e-6 or parts[0] == 0:
+    if len(parts) != 3 or not all(0 <= p <= 1 for p in parts) or abs(sum(parts) - 1) > 1e-6 or parts[0] == 0:
         raise PeftgenError(
-            f"Invalid split {spec!r}: give three fractions for train,valid,test that sum to 1 "
+            f"Invalid split {short(spec)}: give three fractions for train,valid,test that sum to 1 "
             "with train above 0, e.g. --split 0.7,0.2,0.1"
         )
     return parts  # type: ignore[return-value]

@@ -46,7 +46,7 @@ def test_split_sizes_add_up(n, fractions, sizes):
     assert p.split_sizes(n, fractions) == sizes
 
 
-@pytest.mark.parametrize("spec", ["0.7,0.2", "0.5,0.5,0.5", "a,b,c", "0,0.5,0.5", "1.2,-0.1,-0.1"])
+@pytest.mark.parametrize("spec", ["0.7,0.2", "0.5,0.5,0.5", "a,b,c", "0,0.5,0.5", "1.2,-0.1,-0.1", "nan,0,1", "inf,-inf,1"])
 def test_bad_split_is_refused(spec):
     with pytest.raises(PeftgenError, match="Invalid split"):
         p.parse_split(spec)

@@ -106,3 +106,18 @@ def test_overwrite_replaces_the_old_output_only_once_the_new_one_is_complete(tin
         merge_lib.merge(make_run("lora", tiny_gpt2), out, overwrite=True)
     assert (out / "keep.txt").read_text() == "old merge"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no half-written folder beside it
+
+
+def test_the_merge_command_refuses_the_runs_parent_as_one_error_line(tiny_gpt2, make_run):
+    from typer.testing import CliRunner
+
+    from peftgen.cli import app
+
+    run = make_run("lora", tiny_gpt2)
+    result = CliRunner().invoke(app, ["merge", str(run), "--output", str(run.parent), "--overwrite"])
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: --output {run.parent} contains the run folder ({run}); replacing it would delete that. "
+        "Choose another --output.\n"
+    )
+    assert model_lib.is_run(run)

@@ -42,13 +42,14 @@ def store_frozen_in_bf16(model) -> int:
     """Frozen float weights and biases of linear layers to bf16, embeddings excepted; returns bytes saved."""
     from transformers.pytorch_utils import Conv1D
 
-    keep = {id(model.get_input_embeddings().weight)}
+    # By storage, not by module: a tied output head is a Linear over the embedding's own matrix.
+    keep = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     saved = 0
     for module in model.modules():
         if not isinstance(module, (torch.nn.Linear, Conv1D)):
             continue
         for name, param in list(module.named_parameters(recurse=False)):
-            if param.requires_grad or param.dtype != torch.float32 or id(param) in keep:
+            if param.requires_grad or param.dtype != torch.float32 or param.data_ptr() in keep:
                 continue
             saved += param.numel() * 2
             param.data = param.data.to(torch.bfloat16)

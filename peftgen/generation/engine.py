@@ -232,9 +232,10 @@ def _token_loop(engine: Engine, decoder: TokenDecoder, n: int, on_token) -> list
     # Asking "all finished?" is free on CPU but a sync on an accelerator: there, ask every 8 steps.
     check_every = 1 if engine.device.type == "cpu" else 8
     V = logits.shape[-1]
-    # Step at which select() first returned an id outside [0, V), -1 while none did. Kept
-    # on the device and read with the finished check, so validating costs no extra sync;
-    # the bad ids are replaced by padding meanwhile, so the model never indexes past its vocabulary.
+    # Step at which select() first returned an id outside [0, V), -1 while none did. On an
+    # accelerator it stays on the device and is read with the finished check (no extra sync),
+    # the bad ids replaced by padding meanwhile so the model never indexes past its
+    # vocabulary; on CPU one aminmax per step says it at once.
     first_bad = torch.full((), -1, dtype=torch.long, device=engine.device)
     steps = new
     for t in range(new):
@@ -248,11 +249,16 @@ def _token_loop(engine: Engine, decoder: TokenDecoder, n: int, on_token) -> list
         _check_selection(decoder, chosen, logits, t)
         if chosen.dtype != torch.long:
             chosen = chosen.long()
-        outside = (chosen < 0) | (chosen >= V)  # (N,)
-        first_bad = torch.where((first_bad < 0) & outside.any(), t, first_bad)
-        chosen = chosen.masked_fill(outside, engine.pad_token_id)
-        if t % check_every == check_every - 1:
-            _check_range(decoder, first_bad, V)
+        if check_every == 1:
+            low, high = torch.aminmax(chosen)
+            if int(low) < 0 or int(high) >= V:
+                _check_range(decoder, torch.tensor(t), V)
+        else:
+            outside = (chosen < 0) | (chosen >= V)  # (N,)
+            first_bad = torch.where((first_bad < 0) & outside.any(), t, first_bad)
+            chosen = chosen.masked_fill(outside, engine.pad_token_id)
+            if t % check_every == check_every - 1:
+                _check_range(decoder, first_bad, V)
         if len(stop):
             chosen = chosen.masked_fill(finished, engine.pad_token_id)  # finished rows idle on padding
         tokens[:, T0 + t] = chosen

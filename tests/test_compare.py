@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from peftgen import compare as compare_lib
+from peftgen import compare as compare_lib, config as config_lib
 from peftgen.cli import app
-from peftgen.errors import PeftgenError
 from peftgen.testing import bigram_model, isolated_plugins
 
 runner = CliRunner()
@@ -198,3 +199,28 @@ def test_help_shows_every_flag():
     for flag in ["--model", "--decoders", "--plugin", "-o", "--prompt", "--num-samples", "--max-new-tokens", "--seed",
                  "--judge", "--json", "--plot"]:
         assert flag in result.output
+
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "comparing-decoders.md"
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S)
+
+
+def test_the_docs_python_example_runs_as_written(tiny_gpt2, capsys):
+    (code,) = blocks("python")
+    exec(code.replace('"runs/lora"', repr(str(tiny_gpt2))), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split()[:2] == ["decoder", "tokens/s"]
+    assert [line.split()[0] for line in printed[1:4]] == ["greedy", "topk", "beam"]
+
+
+def test_the_docs_sampling_yaml_is_the_config(tmp_path):
+    (yaml_block,) = blocks("yaml")
+    path = tmp_path / "sampling.yaml"
+    path.write_text("train_file: t.txt\nvalid_file: v.txt\n" + yaml_block)
+    config = config_lib.resolve(path)
+    assert (config.sample_every, config.sample_decoder, config.sample_options) == (1, "topk", {"k": 50, "p": 0.9})
+    for name in ("sample_count", "sample_max_new_tokens", "sample_prompt"):  # the documented defaults are the code's
+        assert getattr(config, name) == config_lib.FIELDS[name].default

@@ -38,7 +38,7 @@ def compare(
     options = compare_lib.decoder_options(parse_pairs(option), names)
     rows = compare_lib.compare(
         model, decoders=names, options=options, prompts=prompt, num_samples=num_samples,
-        max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, judge=judge, plugins=plugin or (),
+        max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, judge=judge,  # plugins: loaded above
         progress=lambda line: typer.echo(line, err=True),
     )
     for row in rows:

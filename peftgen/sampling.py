@@ -1,6 +1,6 @@
 """Samples during training: watch the model learn to write, and to stop.
 
-    peftgen train -c configs/lora.yaml --sample-every 1 --sample-decoder topk -s k=50 -s p=0.9
+    peftgen train -c configs/lora.yaml --sample-every 1 --sample-decoder topk --sample-option p=0.9
 
 Every ``sample_every``-th evaluation the model continues ``sample_prompt``
 (default ``<BOS>``) ``sample_count`` times with any installed decoder. Each

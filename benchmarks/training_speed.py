@@ -187,6 +187,67 @@ def child(args) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+def profile_step(model_dir: Path, files: dict, repeats: int = 3) -> None:
+    """Where one training step's time goes, before (plain Trainer bf16) and after (peftgen full).
+
+    The step is cut at the last hidden state: forward of the layers, the
+    loss (output layer + cross-entropy, forward and backward), backward of
+    the layers, optimizer step. Batch: the first two training pieces.
+    """
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftgen import batching, data, efficiency, model as model_lib
+    from peftgen.fused_loss import linear_cross_entropy
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples = data.load_examples(files["train"], tokenizer, 512)[:2]
+    print(f"profile of one step, batch of {len(examples)} pieces ({', '.join(str(len(e)) for e in examples)} tokens), bf16 autocast, median of {repeats}")
+    print(f"{'':8} {'forward':>8} {'loss':>8} {'backward':>8} {'optimizer':>9} {'total':>8}   (seconds)")
+    for name in ("before", "after"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model_lib.add_special_tokens(model, tokenizer, "<BOS>", "<EOS>", "<PAD>")
+        model.train()
+        after = name == "after"
+        if after:
+            efficiency.set_attention_dropout(model, 0.0)
+        batch = batching.collator(after, tokenizer.pad_token_id)([{"input_ids": ids} for ids in examples])
+        labels = batch.pop("labels")
+        body = model.get_decoder()
+        weight = model.get_output_embeddings().weight
+        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True if after else None, foreach=None if after else True)
+        times = []
+        for _ in range(repeats + 1):
+            marks = [time.perf_counter()]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                hidden = body(**batch).last_hidden_state  # (B, T, C)
+                marks.append(time.perf_counter())
+                detached = hidden.detach().requires_grad_()
+                targets = labels[:, 1:]
+                if after:
+                    keep = targets != data.IGNORE_INDEX
+                    loss = linear_cross_entropy(detached[:, :-1][keep], weight, targets[keep]) / keep.sum()
+                else:  # what transformers' ForCausalLMLoss does with the model's logits
+                    logits = F.linear(detached, weight).float()
+                    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=data.IGNORE_INDEX)
+            loss.backward()
+            marks.append(time.perf_counter())
+            hidden.backward(detached.grad)
+            marks.append(time.perf_counter())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            marks.append(time.perf_counter())
+            times.append([b - a for a, b in zip(marks, marks[1:])])
+        parts = [statistics.median(t[i] for t in times[1:]) for i in range(4)]
+        print(f"{name:8} {parts[0]:8.3f} {parts[1]:8.3f} {parts[2]:8.3f} {parts[3]:9.3f} {sum(parts):8.3f}")
+    print("before: padded, the model's attention dropout, logits then cross-entropy, AdamW foreach")
+    print("after:  packed, attention dropout 0, fused output layer + cross-entropy, AdamW fused")
+
+
 # ------------------------------------------------------------------ the table (parent process)
 
 
@@ -233,6 +294,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, 6 training pieces: a smoke test of this script")
     parser.add_argument("--work", default=None, help="folder for models, data and runs (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--profile", action="store_true", help="only: where one step's time goes, before and after")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--row", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -252,6 +314,8 @@ def main() -> None:
         rows += [(name, mode, overrides) for name, (mode, overrides) in ABLATIONS.items()]
     files = build_data(work, 6 if args.quick else 24, 4 if args.quick else 8)
     print(f"machine: {machine()}")
+    if args.profile:
+        return profile_step(build_model(shapes[0], work / f"model-{shapes[0]}"), files)
     print(f"load average at start: {os.getloadavg()[0]:.2f} (rows are timed one after another; a busy machine skews them)")
     results = []
     for shape in shapes:

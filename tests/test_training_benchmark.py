@@ -1,0 +1,24 @@
+"""benchmarks/training_speed.py keeps working: its quick mode runs the recipe and a peftgen row and prints the table."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "training_speed.py"
+
+
+def test_quick_benchmark_prints_a_ratio_for_each_row(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--rows", "recipe,full", "--no-memory", "--work", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split()[0]: line for line in done.stdout.splitlines() if re.match(r"^(recipe|full)\s+\d", line)}
+    assert set(rows) == {"recipe", "full"}, done.stdout
+    assert "1.00x" in rows["recipe"]
+    ratio = float(re.search(r"([\d.]+)x", rows["full"]).group(1))
+    assert ratio > 0
+    valid_loss = float(rows["full"].split()[4])
+    assert 5 < valid_loss < 12  # a real loss per token of a near-random model over a 50k vocabulary

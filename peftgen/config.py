@@ -77,7 +77,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     lora_r: int = 8
     lora_alpha: int = 16
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0  # PEFT's default; > 0 keeps a dropped-out copy of every adapted layer's input
     target_modules: Optional[list[str]] = None  # None: chosen per architecture
     bos_token: str = "<BOS>"
     eos_token: str = "<EOS>"
@@ -145,7 +145,7 @@ class TrainConfig:
         if self.weight_decay < 0:
             raise PeftgenError(f"weight_decay must be 0 or more, got {self.weight_decay:g}. Typical: 0 or 0.01.")
         if not 0 <= self.lora_dropout < 1:
-            raise PeftgenError(f"lora_dropout is a probability in [0, 1), got {self.lora_dropout:g}. Typical: 0.05.")
+            raise PeftgenError(f"lora_dropout is a probability in [0, 1), got {self.lora_dropout:g}. Typical: 0 to 0.1.")
         if not 0 <= self.seed < SEED_LIMIT:
             raise PeftgenError(f"seed must be between 0 and {SEED_LIMIT - 1}, got {self.seed}.")
         for name in ("bos_token", "eos_token", "pad_token"):

@@ -110,7 +110,7 @@ def refused(**values):
     ({"epochs": -1}, "epochs must be above 0 and at most 1e+06, got -1. Try 3 to 5."),
     ({"epochs": float("nan")}, "epochs must be a finite number, got nan."),
     ({"epochs": 0}, "epochs must be above 0 and at most 1e+06, got 0."),
-    ({"lora_dropout": -0.1}, "lora_dropout is a probability in [0, 1), got -0.1. Typical: 0.05."),
+    ({"lora_dropout": -0.1}, "lora_dropout is a probability in [0, 1), got -0.1. Typical: 0 to 0.1."),
     ({"lora_dropout": 1.0}, "lora_dropout is a probability in [0, 1), got 1."),
     ({"warmup_steps": -5}, "warmup_steps must be 0 or more, got -5."),
     ({"logging_steps": 0}, "logging_steps must be at least 1, got 0."),

@@ -32,7 +32,7 @@ def train(
     precision: Annotated[Optional[str], Opt(help="auto, fp32, bf16 or fp16; auto picks bf16 where it is fast. [default: auto]")] = None,
     lora_r: Annotated[Optional[int], Opt(help="LoRA rank. [default: 8]")] = None,
     lora_alpha: Annotated[Optional[int], Opt(help="LoRA scaling numerator (scale = alpha / r). [default: 16]")] = None,
-    lora_dropout: Annotated[Optional[float], Opt(help="Dropout on the LoRA path. [default: 0.05]")] = None,
+    lora_dropout: Annotated[Optional[float], Opt(help="Dropout on the LoRA path. [default: 0]")] = None,
     target_modules: Annotated[Optional[str], Opt(help="Comma-separated module names for LoRA. [default: per architecture]")] = None,
     report_to: Annotated[Optional[str], Opt(help="Comma-separated trackers for Trainer, e.g. tensorboard,wandb. [default: none]")] = None,
     resume: Annotated[Optional[bool], Opt("--resume", help="Continue from the last checkpoint in --output-dir.")] = None,

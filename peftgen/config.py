@@ -61,6 +61,8 @@ class TrainConfig:
     mode: str = "lora"  # full | lora | 8bit
     train_file: Optional[str] = None  # one example per non-blank line
     valid_file: Optional[str] = None  # evaluated every eval_steps and at the end
+    text_field: str = "text"  # column holding the text in .jsonl/.csv/.tsv/.parquet files, saved and Hub datasets
+    split: Optional[str] = None  # split of a Hub dataset or saved DatasetDict for train_file; None: train
     output_dir: str = "runs/peftgen"
     epochs: float = 5.0
     batch_size: int = 2
@@ -115,6 +117,10 @@ class TrainConfig:
             )
         if not self.train_file:
             raise PeftgenError("No training data: pass --train-file FILE (or train_file: in the YAML).")
+        if not self.text_field.strip():
+            raise PeftgenError("text_field is empty: name the column holding the text (default: text).")
+        if self.split is not None and not self.split.strip():
+            raise PeftgenError("split is empty: name a split of the dataset (e.g. train), or leave it out.")
         if not self.output_dir.strip():
             raise PeftgenError("output_dir is empty: pass --output-dir FOLDER (or output_dir: in the YAML).")
         if not self.model.strip():

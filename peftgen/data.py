@@ -60,6 +60,25 @@ def not_text(raw: bytes) -> str | None:
     return not_text_reason(raw[:8192]) or (not_text_reason(b"\0") if b"\0" in raw else None)
 
 
+def not_text_error(path: str | Path, what: str, kind: str, nul_line: int | None = None) -> PeftgenError:
+    where = f" (the first on line {nul_line})" if nul_line is not None else ""
+    return PeftgenError(
+        f"The {what} {path} is not text: it is {kind}{where}. "
+        "Give a UTF-8 text file with one example per line (decompress or convert it, or use 'peftgen prepare')."
+    )
+
+
+def not_utf8_error(path: str | Path, what: str, byte: int, line: int) -> PeftgenError:
+    return PeftgenError(
+        f"The {what} {path} is not UTF-8 text (byte {byte}, line {line}). "
+        "Convert it to UTF-8, or clean it with 'peftgen prepare'."
+    )
+
+
+def empty_error(path: str | Path, what: str) -> PeftgenError:
+    return PeftgenError(f"The {what} {path} is empty. It needs one example per line.")
+
+
 def _numbered_lines(path: str | Path, what: str) -> list[tuple[int, str]]:
     """(1-based line number, stripped line) of each non-blank line of a UTF-8 text file."""
     path = Path(path)
@@ -74,21 +93,13 @@ def _numbered_lines(path: str | Path, what: str) -> list[tuple[int, str]]:
     nul = raw.find(b"\0")
     kind = not_text(raw)
     if kind is not None:
-        where = f" (the first on line {raw[:nul].count(NEWLINE) + 1})" if nul >= 0 and "NUL" in kind else ""
-        raise PeftgenError(
-            f"The {what} {path} is not text: it is {kind}{where}. "
-            "Give a UTF-8 text file with one example per line (decompress or convert it, or use 'peftgen prepare')."
-        )
+        raise not_text_error(path, what, kind, raw[:nul].count(NEWLINE) + 1 if nul >= 0 and "NUL" in kind else None)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        line = raw[: error.start].count(NEWLINE) + 1
-        raise PeftgenError(
-            f"The {what} {path} is not UTF-8 text (byte {error.start}, line {line}). "
-            "Convert it to UTF-8, or clean it with 'peftgen prepare'."
-        ) from None
+        raise not_utf8_error(path, what, error.start, raw[: error.start].count(NEWLINE) + 1) from None
     if not text.strip():
-        raise PeftgenError(f"The {what} {path} is empty. It needs one example per line.")
+        raise empty_error(path, what)
     return [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 

@@ -1,4 +1,4 @@
-"""Perplexity of a model on a line-by-line file: ``peftgen eval --model RUN --file test.txt``.
+"""Perplexity of a model on a file of examples: ``peftgen eval --model RUN --file test.txt``.
 
 The loss here is token-weighted: the sum of the cross-entropy of every label
 token in the file divided by the number of label tokens (padding excluded),
@@ -13,11 +13,12 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from peftgen import data, precision as precision_lib
+from peftgen import corpus, data, precision as precision_lib
 
 
 @dataclass
@@ -42,25 +43,29 @@ def context_length(model, default: int = 1024) -> int:
 def evaluate(
     model,
     tokenizer,
-    file: str | Path,
+    file: str | Path | corpus.Source,
     *,
     batch_size: int = 4,
     max_length: int | None = None,
     precision: str = "fp32",
     progress: bool = True,
+    text_field: str = "text",
+    split: str | None = None,
 ) -> EvalResult:
-    """Token-weighted loss and perplexity of model on file, tokenised as in training."""
+    """Token-weighted loss and perplexity of model on file (any format corpus reads), tokenised as in training."""
     max_length = min(max_length or context_length(model), context_length(model))
-    examples = data.load_examples(file, tokenizer, max_length, what="evaluation file")
+    source = file if isinstance(file, corpus.Source) else corpus.describe(file, "evaluation file", text_field, split)
+    examples = corpus.tokenize(source, tokenizer, max_length).open()  # memory-mapped from the cache
     # Longest first: similar lengths share a batch (less padding), and an
     # out-of-memory error, if any, comes at once rather than at the end.
-    examples.sort(key=len, reverse=True)
+    # A stable sort of the negated lengths keeps equal lengths in file order.
+    order = np.argsort(-corpus.lengths(examples), kind="stable").tolist()
     collate = data.PadCollator(tokenizer.pad_token_id)
     device = next(model.parameters()).device
     total_loss, total_tokens = 0.0, 0
-    batches = range(0, len(examples), batch_size)
+    batches = range(0, len(order), batch_size)
     for start in tqdm(batches, desc="eval", unit="batch", disable=not progress):
-        batch = collate([{"input_ids": ids} for ids in examples[start : start + batch_size]])
+        batch = collate([{"input_ids": ids} for ids in examples[order[start : start + batch_size]]["input_ids"]])
         batch = {k: v.to(device) for k, v in batch.items()}
         with precision_lib.autocast(precision):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -22,7 +22,7 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import rotate_checkpoints
 
-from peftgen import batching, config as config_lib, data, model as model_lib, plot, precision as precision_lib, runs
+from peftgen import batching, config as config_lib, corpus, model as model_lib, plot, precision as precision_lib, runs
 from peftgen.fused_loss import FusedHeadLoss
 from peftgen.errors import PeftgenError
 
@@ -218,9 +218,10 @@ def train(config: config_lib.TrainConfig, progress: bool = True) -> TrainResult:
     run = processes.on_main(_check_inputs, config)
     set_seed(config.seed)
     model, tokenizer, new_ids = model_lib.prepare_for_training(config, precision)
-    train_examples, valid_examples = processes.on_main(_examples, config, tokenizer)  # tokenized once
-    train_set = data.LineDataset(train_examples)
-    valid_set = data.LineDataset(valid_examples) if valid_examples is not None else None
+    # The main process tokenizes into the cache (or finds it there); every process then reads it memory-mapped.
+    train_data, valid_data = processes.on_main(_examples, config, tokenizer)
+    train_set = train_data.open()
+    valid_set = valid_data.open() if valid_data is not None else None
     output = run.work  # the run folder, or beside it until the new run replaces an old one
     # Trainer divides the summed loss by its own count of label tokens, and
     # counts the shifted labels[..., 1:] only when the model names a causal-LM
@@ -276,16 +277,20 @@ def train(config: config_lib.TrainConfig, progress: bool = True) -> TrainResult:
 
 def _check_inputs(config: config_lib.TrainConfig) -> runs.RunFolder:
     """Refuse unusable data files and an output folder that must not be touched (main process)."""
-    data.read_lines(config.train_file, "training file")
-    if config.valid_file:
-        data.read_lines(config.valid_file, "validation file")
+    _sources(config)
     return runs.plan(config)
 
 
-def _examples(config: config_lib.TrainConfig, tokenizer) -> tuple[list[list[int]], list[list[int]] | None]:
-    train = data.load_examples(config.train_file, tokenizer, config.max_length, "training file")
-    valid = data.load_examples(config.valid_file, tokenizer, config.max_length, "validation file") if config.valid_file else None
+def _sources(config: config_lib.TrainConfig) -> tuple[corpus.Source, corpus.Source | None]:
+    train = corpus.describe(config.train_file, "training file", config.text_field, config.split)
+    valid = corpus.describe(config.valid_file, "validation file", config.text_field) if config.valid_file else None
     return train, valid
+
+
+def _examples(config: config_lib.TrainConfig, tokenizer) -> tuple[corpus.Tokenized, corpus.Tokenized | None]:
+    train, valid = _sources(config)
+    return (corpus.tokenize(train, tokenizer, config.max_length),
+            corpus.tokenize(valid, tokenizer, config.max_length) if valid else None)
 
 
 def _start_run(run: runs.RunFolder, config: config_lib.TrainConfig, facts: dict) -> None:

@@ -17,8 +17,10 @@ def train(
     config: Annotated[Optional[Path], Opt("--config", "-c", help="YAML file of settings; flags you type override it.")] = None,
     model: Annotated[Optional[str], Opt(help="Hub id, local model folder or .gguf file. [default: gpt2]")] = None,
     mode: Annotated[Optional[str], Opt(help="full, lora or 8bit (LLM.int8 + LoRA). [default: lora]")] = None,
-    train_file: Annotated[Optional[Path], Opt(help="Training text, one example per non-blank line.")] = None,
-    valid_file: Annotated[Optional[Path], Opt(help="Validation text, evaluated every --eval-steps and at the end.")] = None,
+    train_file: Annotated[Optional[Path], Opt(help="Training data: .txt (one example a line), .jsonl, .json, .csv, .tsv, .parquet, a Dataset.save_to_disk folder or hub:owner/name.")] = None,
+    valid_file: Annotated[Optional[Path], Opt(help="Validation data, evaluated every --eval-steps and at the end.")] = None,
+    text_field: Annotated[Optional[str], Opt(help="Column holding the text in .jsonl, .csv, .tsv, .parquet and dataset sources. [default: text]")] = None,
+    split: Annotated[Optional[str], Opt(help="Split of a hub:owner/name dataset or saved DatasetDict to train on. [default: train]")] = None,
     output_dir: Annotated[Optional[Path], Opt(help="Run folder for checkpoints, model/adapter, config, curves. [default: runs/peftgen]")] = None,
     epochs: Annotated[Optional[float], Opt(help="Passes over the training data. [default: 5]")] = None,
     batch_size: Annotated[Optional[int], Opt(help="Examples per device per step. [default: 2]")] = None,
@@ -74,14 +76,16 @@ def train(
 
 def evaluate(
     model: Annotated[str, Opt(help="Run folder, model folder, .gguf file or Hub id.")],
-    file: Annotated[Path, Opt(help="Text to score, one example per line (e.g. test.txt).")],
+    file: Annotated[Path, Opt(help="Data to score: .txt (one example a line, e.g. test.txt), .jsonl, .json, .csv, .tsv, .parquet, a Dataset.save_to_disk folder or hub:owner/name.")],
     batch_size: Annotated[int, Opt(help="Examples per forward pass.")] = 4,
     max_length: Annotated[Optional[int], Opt(help="Tokens per example. [default: the run's --max-length, else the model's context]")] = None,
     precision: Annotated[str, Opt(help="fp32, bf16 or auto. fp32 gives the reference numbers.")] = "fp32",
     json_output: Annotated[bool, Opt("--json", help="Print {loss, perplexity, tokens} as JSON.")] = False,
+    text_field: Annotated[str, Opt(help="Column holding the text in .jsonl, .csv, .tsv, .parquet and dataset sources.")] = "text",
+    split: Annotated[Optional[str], Opt(help="Split of a hub:owner/name dataset or saved DatasetDict. [default: test, else validation]")] = None,
 ) -> None:
     """Token-weighted loss and perplexity of a model on a text file."""
-    from peftgen import data, evaluate as evaluate_lib, model as model_lib, precision as precision_lib
+    from peftgen import corpus, evaluate as evaluate_lib, model as model_lib, precision as precision_lib
     from peftgen.config import MAX_BATCH, MAX_COUNT, TrainConfig
 
     if not 1 <= batch_size <= MAX_BATCH:
@@ -89,7 +93,7 @@ def evaluate(
     if max_length is not None and not 3 <= max_length <= MAX_COUNT:
         raise PeftgenError(f"--max-length must leave room for <BOS>, text and <EOS> (at least 3), got {max_length}.")
     resolved = precision_lib.resolve(precision)
-    data.read_lines(file, "evaluation file")  # a bad file fails before the model loads
+    source = corpus.describe(file, "evaluation file", text_field, split)  # a bad file fails before the model loads
     run = model_lib.run_folder(Path(model)) if Path(model).is_dir() else None
     special = None
     if run is not None:
@@ -101,7 +105,7 @@ def evaluate(
         if not json_output:
             typer.echo(f"note: {model} is not a peftgen run; scoring it with {'/'.join(special)} as its bos/eos/pad (added untrained where missing).", err=True)
     loaded, tokenizer = model_lib.load(model, special_tokens=special)
-    result = evaluate_lib.evaluate(loaded, tokenizer, file, batch_size=batch_size, max_length=max_length, precision=resolved, progress=not json_output)
+    result = evaluate_lib.evaluate(loaded, tokenizer, source, batch_size=batch_size, max_length=max_length, precision=resolved, progress=not json_output)
     if json_output:
         typer.echo(json.dumps(result.to_dict()))
     else:

@@ -240,13 +240,17 @@ def _check_column(source: Source, columns: list[str], dtype: str) -> None:
     if source.text_field not in columns:
         raise PeftgenError(
             f"The {source.what} {source.spec} has no column {short(source.text_field)} (its columns: "
-            f"{short(', '.join(columns), 120)}). Pick the text column with --text-field."
+            f"{_cut(', '.join(columns))}). Pick the text column with --text-field."
         )
     if dtype not in ("string", "large_string", "str"):
         raise PeftgenError(
             f"The {source.what} {source.spec}: column {short(source.text_field)} holds {dtype or 'not text'}, "
             "not text. Pick the text column with --text-field."
         )
+
+
+def _cut(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _first_line(error: BaseException) -> str:
@@ -352,7 +356,7 @@ def _csv_header(source: Source) -> list[str]:
     if source.text_field not in header:
         raise PeftgenError(
             f"The {source.what} {source.path} has no column {short(source.text_field)} in its header row (its columns: "
-            f"{short(', '.join(header), 120)}). Pick the text column with --text-field; a file without a header row "
+            f"{_cut(', '.join(header))}). Pick the text column with --text-field; a file without a header row "
             "(such as booksummaries.txt) goes through 'peftgen prepare' first."
         )
     return header
@@ -508,6 +512,8 @@ def tokenize(source: Source, tokenizer, max_length: int) -> Tokenized:
         return found
     data.make_folder(root, "The data cache folder (PEFTGEN_CACHE)")
     _clear_leftovers(root)
+    if folder.exists():  # damaged: a file of it deleted, or its manifest unreadable
+        shutil.rmtree(folder, ignore_errors=True)
     started = time.perf_counter()
     partial = root / f".{name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)

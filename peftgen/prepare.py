@@ -10,7 +10,10 @@ JSONL (one object per line, the text under ``--text-field``), each also as
 compressed input is unpacked to a temporary file first. Input that is not
 text (NUL bytes, UTF-16, mostly undecodable lines) is refused. Every output line
 is one example in the canonical form ``<BOS> text <EOS>``, whitespace inside the
-text collapsed to single spaces.
+text collapsed to single spaces. With ``--output-format jsonl`` or ``parquet``
+the splits are ``train.jsonl`` (``{"text": ...}`` a line) or ``train.parquet``
+(a ``text`` column) instead, holding the same text without the markers; training
+gives all three the same token ids.
 
 The file is read twice and never held in memory: the first pass checks each
 line and remembers only its byte offset (and a 16-byte hash, to drop exact
@@ -51,6 +54,8 @@ from peftgen.errors import PeftgenError
 
 BOS, EOS, PAD = "<BOS>", "<EOS>", "<PAD>"
 FORMATS = ("cmu", "text", "jsonl")
+OUTPUT_FORMATS = ("txt", "jsonl", "parquet")
+PARQUET_ROWS = 10_000  # rows per parquet row group: memory stays flat however large the split
 LONG_POLICIES = ("chunk", "first", "skip")
 SPLITS = ("train", "valid", "test")
 CMU_COLUMNS = 7
@@ -337,6 +342,53 @@ def plain_text(source: Path) -> Iterator[Path]:
         yield target
 
 
+# Writing -------------------------------------------------------------------
+
+class SplitWriter:
+    """Writes one split as its file's extension says: ``.txt`` lines ``<BOS> text <EOS>``, JSONL objects
+    ``{"text": ...}`` or a parquet column ``text`` (the plain text: the markers are a text-file convention)."""
+
+    def __init__(self, path: Path, kind: str):
+        self.path, self.kind = path, kind  # kind: the final file's suffix, .txt, .jsonl or .parquet
+        self.rows: list[str] = []
+        self.file = self.parquet = None
+
+    def __enter__(self) -> SplitWriter:
+        if self.kind == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            self.schema = pa.schema([("text", pa.string())])
+            self.parquet = pq.ParquetWriter(self.path, self.schema)
+        else:
+            self.file = open(self.path, "w", encoding="utf-8", newline="\n")
+        return self
+
+    def write(self, text: str) -> None:
+        if self.parquet is not None:
+            self.rows.append(text)
+            if len(self.rows) >= PARQUET_ROWS:
+                self._flush()
+        elif self.kind == ".jsonl":
+            self.file.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+        else:
+            self.file.write(to_line(text) + "\n")
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        self.parquet.write_table(pa.table({"text": pa.array(self.rows, pa.string())}, schema=self.schema))
+        self.rows = []
+
+    def __exit__(self, *exc) -> None:
+        if self.parquet is not None:
+            if self.rows:
+                self._flush()
+            self.parquet.close()
+        else:
+            self.file.close()
+
+
 # The job -------------------------------------------------------------------
 
 def _load_tokenizer(tokenizer):
@@ -368,6 +420,7 @@ def prepare(
     tokenizer=None,
     max_tokens: int | None = None,
     long: str = "chunk",
+    output_format: str = "txt",
 ) -> PrepareResult:
     """Read ``input_path``, write ``train.txt``/``valid.txt``/``test.txt`` into ``output_dir``.
 
@@ -388,7 +441,9 @@ def prepare(
     if max_tokens is not None and max_tokens < 3:
         raise PeftgenError(f"--max-tokens {max_tokens} leaves no room between {BOS} and {EOS}; use at least 3.")
     out = Path(output_dir)
-    files = {name: out / f"{name}.txt" for name in SPLITS}
+    if output_format not in OUTPUT_FORMATS:
+        raise PeftgenError(f"Unknown output format {short(output_format)}. Choose one of: {', '.join(OUTPUT_FORMATS)}.")
+    files = {name: out / f"{name}.{output_format}" for name in SPLITS}
     existing = [str(p) for p in files.values() if p.exists()]
     if existing and not overwrite:
         raise PeftgenError(f"Output exists: {', '.join(existing)}. Pass --overwrite to replace it.")
@@ -458,7 +513,7 @@ def _prepare_text(text: Path, source: Path, out: Path, files: dict[str, Path], f
     try:
         with open(text, "rb") as f:
             for k, name in enumerate(SPLITS):
-                with open(temporary[name], "w", encoding="utf-8", newline="\n") as w:
+                with SplitWriter(temporary[name], files[name].suffix) as w:
                     for offset in offsets[bounds[k]:bounds[k + 1]]:
                         f.seek(offset)
                         line = parse_line(f.readline().rstrip(b"\r\n"), fmt, text_field)
@@ -474,7 +529,7 @@ def _prepare_text(text: Path, source: Path, out: Path, files: dict[str, Path], f
                             if digest in written:  # two summaries sharing an identical piece
                                 continue
                             written.add(digest)
-                            w.write(to_line(piece) + "\n")
+                            w.write(piece)
                             examples[name] += 1
                             chars.append(len(piece))
                             words.append(piece.count(" ") + 1)

@@ -117,8 +117,7 @@ def test_parallel_tokenizing_gives_the_same_ids(tmp_path, tokenizer, monkeypatch
     path = tmp_path / "many.jsonl"
     lines = [f"{LINES[i % 4]} Number {i}." for i in range(300)]
     path.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines), encoding="utf-8")
-    monkeypatch.setattr(corpus, "PARALLEL_ROWS", 100)
-    monkeypatch.setattr(corpus, "_workers", lambda rows: 2)
+    monkeypatch.setattr(corpus, "_workers", lambda rows, tokenizer: 2)
     built = tokenize(path, tokenizer)
     assert len(built.files) == 2  # one Arrow file per worker
     assert built.open()["input_ids"] == [data.encode(line, tokenizer, 64) for line in lines]

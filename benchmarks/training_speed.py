@@ -58,10 +58,11 @@ ABLATIONS = {
     "full, transformers' loss": ("full", {"fused_loss": False}),
     "full, model's attention dropout": ("full", {"attention_dropout": None}),
     "full, adamw_torch (not fused)": ("full", {"optim": "adamw_torch"}),
+    "full, gelu_new as written": ("full", {"fused_activations": False}),
     "lora, fp32 frozen weights": ("lora", {"frozen_bf16": False}),
     "lora, PEFT's token rows": ("lora", {"fast_token_rows": False}),
     "lora, transformers' loss": ("lora", {"fused_loss": False}),
-    "lora, gradient checkpointing": ("lora", {"gradient_checkpointing": True}),
+    "lora, no gradient checkpointing": ("lora", {"gradient_checkpointing": False}),
     "lora, lora_dropout 0.05": ("lora", {"lora_dropout": 0.05}),
 }
 BATCH, EPOCHS, RECIPE_LR = 2, 1.0, 5e-5

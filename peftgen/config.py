@@ -84,13 +84,14 @@ class TrainConfig:
     bos_token: str = "<BOS>"
     eos_token: str = "<EOS>"
     pad_token: str = "<PAD>"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Optional[bool] = None  # None: on for lora/8bit (memory is their point), off for full
     # Speed and memory techniques (benchmarks/README.md measures each one):
     packing: bool = True  # padding-free batches: examples end to end in one row, attention kept within each
     fused_loss: bool = True  # output layer + cross-entropy in chunks, at label positions only, no full logits
     optim: str = "adamw_torch_fused"  # any optimizer name transformers' TrainingArguments takes
     attention_dropout: Optional[float] = 0.0  # None: the model's own (GPT-2: 0.1, which forces unfused attention)
     frozen_bf16: bool = True  # lora/8bit under bf16: frozen weights stored in bf16 (what autocast would cast them to)
+    fused_activations: bool = True  # GPT-2's gelu_new as one kernel (gelu_pytorch_tanh): less memory, same function
     fast_token_rows: bool = True  # lora/8bit: new-token rows applied directly, not via a copy of the whole matrix
     report_to: list[str] = field(default_factory=list)  # e.g. [tensorboard], [wandb]
     resume: bool = False
@@ -101,6 +102,11 @@ class TrainConfig:
     sample_count: int = 2  # samples per round
     sample_max_new_tokens: int = 64  # most tokens per sample
     sample_prompt: Optional[str] = None  # None: the <BOS> token
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether activations are recomputed in the backward pass instead of kept."""
+        return self.gradient_checkpointing if self.gradient_checkpointing is not None else self.mode != "full"
 
     @property
     def learning_rate(self) -> float:

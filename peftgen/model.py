@@ -382,8 +382,10 @@ def prepare_for_training(config, precision: str = "fp32"):
     new_ids = add_special_tokens(model, tokenizer, config.bos_token, config.eos_token, config.pad_token)
     if config.attention_dropout is not None:
         efficiency.set_attention_dropout(model, config.attention_dropout)
+    if config.fused_activations:
+        efficiency.fuse_activations(model)
     if config.mode == "full":
-        if config.gradient_checkpointing:
+        if config.checkpointing:
             model.gradient_checkpointing_enable()
         return model, tokenizer, new_ids
 
@@ -391,8 +393,8 @@ def prepare_for_training(config, precision: str = "fp32"):
 
     if config.mode == "8bit":
         # Casts the remaining float weights to fp32 and freezes the int8 ones.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
-    elif config.gradient_checkpointing:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.checkpointing)
+    elif config.checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     targets = config.target_modules or TARGET_MODULES.get(model.config.model_type, "all-linear")

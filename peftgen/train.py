@@ -22,7 +22,7 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import rotate_checkpoints
 
-from peftgen import batching, config as config_lib, corpus, model as model_lib, plot, precision as precision_lib, runs
+from peftgen import batching, efficiency, config as config_lib, corpus, model as model_lib, plot, precision as precision_lib, runs
 from peftgen.fused_loss import FusedHeadLoss
 from peftgen.errors import PeftgenError
 
@@ -218,6 +218,7 @@ def train(config: config_lib.TrainConfig, progress: bool = True) -> TrainResult:
     run = processes.on_main(_check_inputs, config)
     set_seed(config.seed)
     model, tokenizer, new_ids = model_lib.prepare_for_training(config, precision)
+    efficiency.own_weights(model)  # lets the mapped weights file go
     # The main process tokenizes into the cache (or finds it there); every process then reads it memory-mapped.
     train_data, valid_data = processes.on_main(_examples, config, tokenizer)
     train_set = train_data.open()

@@ -42,3 +42,32 @@ def test_frozen_weights_stay_fp32_unless_training_in_bf16(tiny_gpt2):
     config = config_lib.resolve(None, {"model": str(tiny_gpt2), "mode": "lora", "train_file": "x"})
     model = model_lib.prepare_for_training(config, "fp32")[0]
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_fused_gelu_computes_gpt2s_gelu_new(tiny_gpt2):
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    with torch.no_grad():
+        before = model(input_ids=IDS).logits
+        assert efficiency.fuse_activations(model) == model.config.n_layer
+        after = model(input_ids=IDS).logits
+    assert torch.allclose(before, after, atol=1e-5)
+    assert efficiency.fuse_activations(model) == 0
+
+
+def test_own_weights_lets_the_mapped_weights_file_go(tiny_gpt2):
+    import gc
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    weights = str(tiny_gpt2 / "model.safetensors")
+
+    def mapped() -> bool:
+        gc.collect()
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            return any(line.rstrip().endswith(weights) for line in maps)
+
+    if not mapped():
+        pytest.skip("transformers read the file without mapping it here")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    assert efficiency.own_weights(model) > 0
+    assert not mapped()
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())

@@ -22,7 +22,7 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import rotate_checkpoints
 
-from peftgen import batching, efficiency, config as config_lib, corpus, model as model_lib, plot, precision as precision_lib, runs
+from peftgen import batching, config as config_lib, corpus, data, efficiency, model as model_lib, plot, precision as precision_lib, runs
 from peftgen.fused_loss import FusedHeadLoss
 from peftgen.errors import PeftgenError
 
@@ -158,9 +158,13 @@ def speed_settings(config: config_lib.TrainConfig, model, tokenizer, precision: 
     packing = config.packing and batching.packing_works(model, len(tokenizer), tokenizer.pad_token_id, precision)
     if config.packing and not packing:
         runs.note(f"{type(model).__name__} does not keep packed examples apart: batches are padded instead.")
-    loss = FusedHeadLoss(model) if config.fused_loss and FusedHeadLoss.supports(model) else None
+    # FSDP and DeepSpeed shard the weights and gather them only inside the
+    # model's own forward, where the fused loss, outside it, cannot reach them.
+    sharded = any(os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true") for name in ("FSDP", "DEEPSPEED"))
+    loss = FusedHeadLoss(model) if config.fused_loss and not sharded and FusedHeadLoss.supports(model) else None
     if config.fused_loss and loss is None:
-        runs.note("this model's output layer is not a plain linear head: the loss is transformers' own.")
+        why = "FSDP / DeepSpeed shard its weights" if sharded else "this model's output layer is not a plain linear head"
+        runs.note(f"{why}: the loss is transformers' own (fused_loss is off).")
     return packing, loss
 
 
@@ -279,6 +283,7 @@ def train(config: config_lib.TrainConfig, progress: bool = True) -> TrainResult:
 def _check_inputs(config: config_lib.TrainConfig) -> runs.RunFolder:
     """Refuse unusable data files and an output folder that must not be touched (main process)."""
     _sources(config)
+    data.check_writable_folder(config.output_dir, "--output-dir")
     return runs.plan(config)
 
 

@@ -203,3 +203,16 @@ def test_a_kill_during_the_final_save_leaves_a_run_that_reads_as_unfinished(tiny
     assert (out / "checkpoint-2").is_dir() and not (out / "adapter_config.json").exists()
     with pytest.raises(PeftgenError, match="training did not finish"):
         model_lib.load(out)
+
+
+def test_an_output_folder_that_cannot_be_created_is_refused_before_the_model_loads(tiny_gpt2, text_files, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder", encoding="utf-8")
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(model_lib, "prepare_for_training", must_not_load)
+    with pytest.raises(PeftgenError, match="cannot be created: .*a-file is a file"):
+        train_lib.train(settings(tiny_gpt2, text_files, blocker / "run"), progress=False)
+    assert blocker.read_text(encoding="utf-8") == "not a folder"

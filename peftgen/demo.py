@@ -57,6 +57,7 @@ class Recipe:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0      # 1.5 passes are too few to overfit through the adapters
+    gradient_checkpointing: bool = False  # a 135M model at batch 8 x 128 fits easily; recomputing costs time
     target_modules: Optional[tuple[str, ...]] = None  # None: every attention and MLP projection
     precision: str = "auto"        # bf16 autocast where the CPU has AMX / AVX512-BF16
     eval_steps: int = 8            # validation points on the loss curve
@@ -256,6 +257,7 @@ def run(
         max_length=recipe.max_length, eval_steps=recipe.eval_steps, save_steps=10**9,
         logging_steps=max(1, recipe.eval_steps // 2), seed=recipe.seed, precision=recipe.precision,
         lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+        gradient_checkpointing=recipe.gradient_checkpointing,
         target_modules=list(recipe.target_modules) if recipe.target_modules else None, overwrite=True,
         sample_every=recipe.sample_every, sample_count=recipe.sample_count,
         sample_max_new_tokens=recipe.sample_max_new_tokens,

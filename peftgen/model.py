@@ -419,6 +419,15 @@ def prepare_for_training(config, precision: str = "fp32"):
     return model, tokenizer, new_ids
 
 
+def hidden_width(model) -> int | None:
+    """The width of the model's hidden states (GPT-2's n_embd, Llama's hidden_size), if its config says."""
+    config = model.config
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    return None
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameters."""
     if hasattr(model, "get_nb_trainable_parameters"):

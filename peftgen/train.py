@@ -252,7 +252,7 @@ def train(config: config_lib.TrainConfig, progress: bool = True) -> TrainResult:
             args=training_arguments(config, output, precision, valid_set is not None, progress),
             train_dataset=train_set,
             eval_dataset=valid_set,
-            data_collator=batching.collator(packing, tokenizer.pad_token_id),
+            data_collator=batching.collator(packing, tokenizer.pad_token_id, model_lib.hidden_width(model)),
             compute_loss_func=loss,
             processing_class=tokenizer,
         )

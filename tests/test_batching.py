@@ -64,3 +64,14 @@ def test_training_packed_or_padded_takes_the_same_steps(tiny_gpt2, text_files, t
         result = train_lib.train(config_lib.resolve(None, settings), progress=False)
         losses[packing] = [e["loss"] for e in result.log_history if "loss" in e] + [result.metrics["eval_loss"]]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_each_batch_takes_the_cheaper_layout():
+    gpt2_pair = [{"input_ids": [1] * 300}, {"input_ids": [1] * 500}]
+    assert batching.packing_pays(gpt2_pair, 768)  # 800 tokens packed beat 2 x 500 padded
+    demo_batch = [{"input_ids": [1] * n} for n in (128, 120, 126, 128, 110, 128, 127, 125)]
+    assert not batching.packing_pays(demo_batch, 576)  # little padding to save, 8x the attention
+    packed = batching.collator(True, 0, 768)(gpt2_pair)
+    padded = batching.collator(True, 0, 576)(demo_batch)
+    assert packed["input_ids"].shape == (1, 800) and "position_ids" in packed
+    assert padded["input_ids"].shape == (8, 128) and "attention_mask" in padded

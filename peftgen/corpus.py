@@ -60,7 +60,8 @@ BATCH_ROWS = 10_000  # texts per Arrow record batch while reading
 PARALLEL_ROWS = 20_000  # fewer rows than this: starting worker processes costs more than it saves
 SAMPLE = 64 << 10  # bytes from each end of a file that go into its fingerprint
 MANIFEST = "manifest.json"  # written last: a cache folder holding it is complete
-TEXT_FILE = "texts.arrow"
+PART_BYTES = 64 << 20  # text per part: each part is tokenized and unmapped before the next, so the pages
+# of the memory-mapped texts that tokenizing touches never add up to the whole corpus
 SUFFIXES = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 # Which split a saved DatasetDict or Hub dataset gives when --split does not say.
 PREFERRED = {
@@ -559,26 +560,28 @@ def _build(source: Source, tokenizer, max_length: int, partial: Path, folder: Pa
     import pyarrow.compute as pc
     from datasets import Dataset, Features, List, Value
 
-    rows, warnings = _write_texts(source, tokenizer.pad_token, partial / TEXT_FILE)
+    parts, warnings = _write_texts(source, tokenizer.pad_token, partial)
     for warning in warnings:
         _warn(warning)
-    texts = Dataset.from_file(str(partial / TEXT_FILE))
-    encoded = texts.map(
-        _Encoder(tokenizer, max_length),
-        batched=True,
-        num_proc=_workers(rows, tokenizer),
-        remove_columns=["text"],
-        features=Features({"input_ids": List(Value("int32"))}),
-        cache_file_name=str(partial / "tokens.arrow"),
-        load_from_cache_file=False,
-        new_fingerprint=folder.name,
-        desc=f"Tokenizing the {source.what}",
-    )
-    files = tuple(Path(entry["filename"]).name for entry in encoded.cache_files)
-    examples = len(encoded)
-    tokens = int(pc.sum(pc.list_value_length(encoded.data.column("input_ids"))).as_py() or 0) if examples else 0
-    del texts, encoded  # the files are renamed below; nothing may hold them open
-    (partial / TEXT_FILE).unlink()
+    files, examples, tokens = [], 0, 0
+    for number, (path, rows) in enumerate(parts):
+        texts = Dataset.from_file(str(path))
+        encoded = texts.map(
+            _Encoder(tokenizer, max_length),
+            batched=True,
+            num_proc=_workers(rows, tokenizer),
+            remove_columns=["text"],
+            features=Features({"input_ids": List(Value("int32"))}),
+            cache_file_name=str(partial / f"tokens-{number:05d}.arrow"),
+            load_from_cache_file=False,
+            new_fingerprint=f"{folder.name}-{number}",
+            desc=f"Tokenizing the {source.what}" + (f" ({number + 1}/{len(parts)})" if len(parts) > 1 else ""),
+        )
+        files += [Path(entry["filename"]).name for entry in encoded.cache_files]
+        examples += len(encoded)
+        tokens += int(pc.sum(pc.list_value_length(encoded.data.column("input_ids"))).as_py() or 0) if len(encoded) else 0
+        del texts, encoded  # unmapped before the next part
+        path.unlink()
     if not examples:
         raise PeftgenError(
             f"The {source.what} {source.spec} has no usable {source.unit}: every {source.unit} is only markers"
@@ -588,19 +591,47 @@ def _build(source: Source, tokenizer, max_length: int, partial: Path, folder: Pa
     manifest = {"files": list(files), "examples": examples, "tokens": tokens, "warnings": warnings,
                 "source": source.spec, "max_length": max_length, "text_field": source.text_field, "split": source.split}
     runs.write_text(partial / MANIFEST, json.dumps(manifest, indent=2))
-    return Tokenized(partial, files, examples, tokens, tuple(warnings))
+    return Tokenized(partial, tuple(files), examples, tokens, tuple(warnings))
 
 
-def _write_texts(source: Source, pad: str | None, path: Path) -> tuple[int, list[str]]:
-    """Stream the usable texts of source into an Arrow file; (texts written, warnings naming skipped rows)."""
+def _write_texts(source: Source, pad: str | None, folder: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """Stream the usable texts of source into Arrow files of about PART_BYTES each:
+    ([(file, texts in it)], warnings naming the skipped rows)."""
     import pyarrow as pa
 
     schema = pa.schema([("text", pa.string())])
     skipped: dict[str, list[int]] = {}  # reason -> the first row numbers (all are counted)
     counts: dict[str, int] = {}
+    parts: list[tuple[Path, int]] = []
     seen = written = 0
     batch: list[str] = []
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+    writer = sink = None
+    part_bytes = 0
+
+    def flush() -> None:
+        nonlocal writer, sink, part_bytes, written, batch
+        if writer is None:
+            parts.append((folder / f"texts-{len(parts):05d}.arrow", 0))
+            sink = pa.OSFile(str(parts[-1][0]), "wb")
+            writer = pa.ipc.new_stream(sink, schema)
+        array = pa.array(batch, pa.string())
+        writer.write_batch(pa.record_batch([array], schema=schema))
+        parts[-1] = (parts[-1][0], parts[-1][1] + len(batch))
+        written += len(batch)
+        part_bytes += array.nbytes
+        batch = []
+        if part_bytes >= PART_BYTES:
+            close()
+
+    def close() -> None:
+        nonlocal writer, sink, part_bytes
+        if writer is not None:
+            writer.close()
+            sink.close()
+        writer = sink = None
+        part_bytes = 0
+
+    try:
         for number, value in _rows(source):
             seen += 1
             reason = _problem(value, source.text_field, pad)
@@ -612,12 +643,11 @@ def _write_texts(source: Source, pad: str | None, path: Path) -> tuple[int, list
                 continue
             batch.append(value.strip())
             if len(batch) >= BATCH_ROWS:
-                writer.write_batch(pa.record_batch([pa.array(batch, pa.string())], schema=schema))
-                written += len(batch)
-                batch = []
+                flush()
         if batch:
-            writer.write_batch(pa.record_batch([pa.array(batch, pa.string())], schema=schema))
-            written += len(batch)
+            flush()
+    finally:
+        close()
     if not seen:
         raise data.empty_error(source.spec, source.what) if source.kind == "text" else PeftgenError(
             f"The {source.what} {source.spec} holds no rows. It needs one example per row.")
@@ -628,7 +658,7 @@ def _write_texts(source: Source, pad: str | None, path: Path) -> tuple[int, list
             f"The {source.what} {source.spec} has no usable {source.unit}: all {seen} were skipped "
             f"(first: {source.unit} {skipped[first][0]}: {first}). Check --text-field and the file."
         )
-    return written, warnings
+    return parts, warnings
 
 
 def _problem(value: Any, name: str, pad: str | None) -> str | None:

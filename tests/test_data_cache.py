@@ -143,3 +143,15 @@ def test_training_again_and_resuming_reuse_the_cache(tiny_gpt2, train_file, tmp_
     resumed = CliRunner().invoke(app, [*base, "--max-steps", "2", "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert "note: tokenized" not in resumed.output and "note: the training file" in resumed.output
+
+
+def test_a_corpus_of_several_parts_gives_the_same_ids_in_order(tmp_path, tokenizer, monkeypatch):
+    path = tmp_path / "many.txt"
+    lines = [f"{LINES[i % 4]} Number {i}." for i in range(230)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    monkeypatch.setattr(corpus, "BATCH_ROWS", 50)
+    monkeypatch.setattr(corpus, "PART_BYTES", 1)  # every batch of 50 texts its own part
+    built = tokenize(path, tokenizer)
+    assert built.files == tuple(f"tokens-{n:05d}.arrow" for n in range(5))
+    assert built.open()["input_ids"] == [data.encode(line, tokenizer, 64) for line in lines]
+    assert not list(built.folder.glob("texts-*"))  # only the tokens stay in the cache

@@ -60,7 +60,7 @@ BATCH_ROWS = 10_000  # texts per Arrow record batch while reading
 PARALLEL_ROWS = 20_000  # fewer rows than this: starting worker processes costs more than it saves
 SAMPLE = 64 << 10  # bytes from each end of a file that go into its fingerprint
 MANIFEST = "manifest.json"  # written last: a cache folder holding it is complete
-PART_BYTES = 64 << 20  # text per part: each part is tokenized and unmapped before the next, so the pages
+PART_BYTES = 16 << 20  # text per part: each part is tokenized and unmapped before the next, so the pages
 # of the memory-mapped texts that tokenizing touches never add up to the whole corpus
 SUFFIXES = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 # Which split a saved DatasetDict or Hub dataset gives when --split does not say.

@@ -37,10 +37,12 @@ class PackedCollator(DataCollatorWithFlattening):
     300 and 500 tokens pack, eight of 128 tokens in a width-576 model pad.
     """
 
-    def __init__(self, pad_token_id: int, width: int | None = None):
-        super().__init__(return_position_ids=True, separator_id=IGNORE_INDEX)
+    def __init__(self, pad_token_id: int, width: int | None = None, per_example: bool = False):
+        # per_example: attention runs example by example (peftgen.attention), which needs the
+        # examples' bounds (cu_seq_lens_q) and never costs more than padding, so every batch packs.
+        super().__init__(return_position_ids=True, separator_id=IGNORE_INDEX, return_flash_attn_kwargs=per_example)
         self.padded = PadCollator(pad_token_id)
-        self.width = width
+        self.width = None if per_example else width
 
     def __call__(self, features, return_tensors=None, separator_id=None):
         if self.width and not packing_pays(features, self.width):
@@ -56,13 +58,13 @@ def packing_pays(features, width: int) -> bool:
     return packed * (1 + packed / (6 * width)) < len(lengths) * longest * (1 + longest / (6 * width))
 
 
-def collator(packing: bool, pad_token_id: int, width: int | None = None):
+def collator(packing: bool, pad_token_id: int, width: int | None = None, per_example: bool = False):
     """The data collator for Trainer: packed batches (where cheaper, given the model's width), or padded ones."""
-    return PackedCollator(pad_token_id, width) if packing else PadCollator(pad_token_id)
+    return PackedCollator(pad_token_id, width, per_example) if packing else PadCollator(pad_token_id)
 
 
 @torch.no_grad()
-def packing_works(model, vocab: int, pad_token_id: int, precision: str = "fp32") -> bool:
+def packing_works(model, vocab: int, pad_token_id: int, precision: str = "fp32", per_example: bool = False) -> bool:
     """Whether two short examples packed in one row give the logits they give padded in two rows.
 
     A model that ignores packed positions lets the second example attend to
@@ -76,12 +78,11 @@ def packing_works(model, vocab: int, pad_token_id: int, precision: str = "fp32")
     model.eval()
     try:
         device = next(model.parameters()).device
-        packed = collator(True, pad_token_id)(examples)
+        packed = collator(True, pad_token_id, per_example=per_example)(examples)
         padded = collator(False, pad_token_id)(examples)
         with autocast(precision):
-            packed_logits = model(
-                input_ids=packed["input_ids"].to(device), position_ids=packed["position_ids"].to(device), use_cache=False
-            ).logits[0]
+            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in packed.items() if k != "labels"}
+            packed_logits = model(**inputs).logits[0]
             padded_logits = model(input_ids=padded["input_ids"].to(device), attention_mask=padded["attention_mask"].to(device)).logits
         expected = padded_logits[padded["attention_mask"].bool().to(device)].float()  # (8, V)
         error = (packed_logits.float() - expected).abs().max()

@@ -87,6 +87,7 @@ class TrainConfig:
     gradient_checkpointing: Optional[bool] = None  # None: on for lora/8bit (memory is their point), off for full
     # Speed and memory techniques (benchmarks/README.md measures each one):
     packing: bool = True  # padding-free batches: examples end to end in one row, attention kept within each
+    attention_per_example: bool = True  # packed batches: causal attention per example, not one masked (N, N) matrix
     fused_loss: bool = True  # output layer + cross-entropy in chunks, at label positions only, no full logits
     optim: str = "adamw_torch_fused"  # any optimizer name transformers' TrainingArguments takes
     attention_dropout: Optional[float] = 0.0  # None: the model's own (GPT-2: 0.1, which forces unfused attention)

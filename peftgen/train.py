@@ -22,7 +22,7 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import rotate_checkpoints
 
-from peftgen import batching, config as config_lib, corpus, data, efficiency, model as model_lib, plot, precision as precision_lib, runs
+from peftgen import attention, batching, config as config_lib, corpus, data, efficiency, model as model_lib, plot, precision as precision_lib, runs
 from peftgen.fused_loss import FusedHeadLoss
 from peftgen.errors import PeftgenError
 
@@ -153,11 +153,14 @@ class PeftgenTrainer(Trainer):
         return message + f" No checkpoint was saved before it: start again with a lower learning rate, e.g. --lr {lr / 10:g} --overwrite."
 
 
-def speed_settings(config: config_lib.TrainConfig, model, tokenizer, precision: str) -> tuple[bool, FusedHeadLoss | None]:
-    """Whether batches are packed, and the fused loss if any: what was asked, where this model allows it."""
-    packing = config.packing and batching.packing_works(model, len(tokenizer), tokenizer.pad_token_id, precision)
+def speed_settings(config: config_lib.TrainConfig, model, tokenizer, precision: str) -> tuple[bool, bool, FusedHeadLoss | None]:
+    """Whether batches are packed, whether their attention runs per example, and the fused loss if any:
+    what was asked, where this model allows it."""
+    per_example = config.packing and config.attention_per_example and attention.use_per_example_attention(model)
+    packing = config.packing and batching.packing_works(model, len(tokenizer), tokenizer.pad_token_id, precision, per_example)
     if config.packing and not packing:
         runs.note(f"{type(model).__name__} does not keep packed examples apart: batches are padded instead.")
+        per_example = False
     # FSDP and DeepSpeed shard the weights and gather them only inside the
     # model's own forward, where the fused loss, outside it, cannot reach them.
     sharded = any(os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true") for name in ("FSDP", "DEEPSPEED"))
@@ -165,7 +168,7 @@ def speed_settings(config: config_lib.TrainConfig, model, tokenizer, precision: 
     if config.fused_loss and loss is None:
         why = "FSDP / DeepSpeed shard its weights" if sharded else "this model's output layer is not a plain linear head"
         runs.note(f"{why}: the loss is transformers' own (fused_loss is off).")
-    return packing, loss
+    return packing, per_example, loss
 
 
 def _final_evaluation(trainer) -> dict:
@@ -245,14 +248,14 @@ def train(config: config_lib.TrainConfig, progress: bool = True) -> TrainResult:
         "valid_examples": len(valid_set) if valid_set else 0,
         "trainable_params": trainable,
     }
-    packing, loss = speed_settings(config, model, tokenizer, precision)
+    packing, per_example, loss = speed_settings(config, model, tokenizer, precision)
     try:
         trainer = PeftgenTrainer(
             model=model,
             args=training_arguments(config, output, precision, valid_set is not None, progress),
             train_dataset=train_set,
             eval_dataset=valid_set,
-            data_collator=batching.collator(packing, tokenizer.pad_token_id, model_lib.hidden_width(model)),
+            data_collator=batching.collator(packing, tokenizer.pad_token_id, model_lib.hidden_width(model), per_example),
             compute_loss_func=loss,
             processing_class=tokenizer,
         )

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from peftgen import batching, config as config_lib, train as train_lib
+from peftgen import attention, batching, config as config_lib, train as train_lib
 
 EXAMPLES = [[50257, 464, 1468, 1110, 50258], [50257, 318, 50258], [50257, 1332, 257, 2068, 3290, 318, 50258]]
 
@@ -15,12 +15,16 @@ def _per_example_losses(logits, labels):
     return token_loss.view(labels.shape[0], -1)
 
 
+@pytest.mark.parametrize("per_example", [False, True], ids=["one-mask", "per-example-attention"])
 @pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
-def test_packed_loss_equals_padded_loss_per_example(fixture, request):
+def test_packed_loss_equals_padded_loss_per_example(fixture, per_example, request):
     model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(fixture)).eval()
     model.resize_token_embeddings(50260)
+    if per_example:
+        assert attention.use_per_example_attention(model)
     features = [{"input_ids": ids} for ids in EXAMPLES]
-    packed = batching.collator(True, 50259)(features)
+    packed = batching.collator(True, 50259, per_example=per_example)(features)
+    assert ("cu_seq_lens_q" in packed) == per_example
     padded = batching.collator(False, 50259)(features)
     assert packed["input_ids"].shape == (1, sum(map(len, EXAMPLES)))  # no padding at all
     with torch.no_grad():
@@ -72,6 +76,7 @@ def test_each_batch_takes_the_cheaper_layout():
     demo_batch = [{"input_ids": [1] * n} for n in (128, 120, 126, 128, 110, 128, 127, 125)]
     assert not batching.packing_pays(demo_batch, 576)  # little padding to save, 8x the attention
     packed = batching.collator(True, 0, 768)(gpt2_pair)
+    assert batching.collator(True, 0, 576, per_example=True)(demo_batch)["input_ids"].shape == (1, 992)  # always packs
     padded = batching.collator(True, 0, 576)(demo_batch)
     assert packed["input_ids"].shape == (1, 800) and "position_ids" in packed
     assert padded["input_ids"].shape == (8, 128) and "attention_mask" in padded

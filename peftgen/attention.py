@@ -1,0 +1,56 @@
+"""Attention for packed batches, one example at a time: ``attention_per_example: true``.
+
+A packed row holds several examples end to end. transformers attends over it
+with one block-diagonal mask, and PyTorch's fused attention, given any mask,
+computes every block of the (N, N) matrix, the masked ones included; only
+with ``is_causal`` and no mask does it skip the blocks above the diagonal.
+For two GPT-2 examples of 300 and 500 tokens that is 800^2 scores where the
+examples need 300^2/2 + 500^2/2: about four times the attention work, and on
+a CPU attention is most of a step at these lengths.
+
+GPU libraries solve this with variable-length kernels (FlashAttention's
+``cu_seqlens``); PyTorch has none on CPU. So this attention function, which
+transformers calls in place of its SDPA one, runs transformers' own SDPA
+function once per example (causal, no mask) on the slices the collator's
+``cu_seq_lens_q`` name, and joins the outputs. A batch without them (a
+padded one) goes to transformers' SDPA function unchanged.
+"""
+from __future__ import annotations
+
+import torch
+
+NAME = "peftgen_per_example"
+
+
+def per_example_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """query (1, H, N, D), key/value (1, H_kv, N, D) over N packed tokens -> ((1, N, H, D), None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    bounds = kwargs.pop("cu_seq_lens_q", None)
+    kwargs.pop("cu_seq_lens_k", None)
+    if bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    edges = bounds.tolist() if isinstance(bounds, torch.Tensor) else list(bounds)
+    pieces = [
+        sdpa_attention_forward(
+            module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None, dropout, scaling, True, **kwargs
+        )[0]  # (1, end - start, H, D)
+        for start, end in zip(edges, edges[1:])
+        if end > start
+    ]
+    return torch.cat(pieces, dim=1), None
+
+
+def use_per_example_attention(model) -> bool:
+    """Switch a model that attends with SDPA to the per-example function; False if it uses something else."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "_attn_implementation", None) != "sdpa":
+        return False
+    AttentionInterface.register(NAME, per_example_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)  # padded batches still get their mask
+    base.set_attn_implementation(NAME)
+    return True
+

@@ -56,7 +56,8 @@ from peftgen.errors import PeftgenError
 PIPELINE = 1  # bump when the ids of a text change: every cache is then rebuilt
 HUB = "hub:"
 CHUNK = 8 << 20  # bytes of a text file decoded at a time
-BATCH_ROWS = 10_000  # texts per Arrow record batch while reading
+BATCH_ROWS = 10_000  # texts per Arrow record batch while reading, at most
+BATCH_CHARS = 4 << 20  # and at most about this much text: what reading holds in memory at once
 PARALLEL_ROWS = 20_000  # fewer rows than this: starting worker processes costs more than it saves
 SAMPLE = 64 << 10  # bytes from each end of a file that go into its fingerprint
 MANIFEST = "manifest.json"  # written last: a cache folder holding it is complete
@@ -603,7 +604,7 @@ def _write_texts(source: Source, pad: str | None, folder: Path) -> tuple[list[tu
     skipped: dict[str, list[int]] = {}  # reason -> the first row numbers (all are counted)
     counts: dict[str, int] = {}
     parts: list[tuple[Path, int]] = []
-    seen = written = 0
+    seen = written = batch_chars = 0
     batch: list[str] = []
     writer = sink = None
     part_bytes = 0
@@ -642,8 +643,10 @@ def _write_texts(source: Source, pad: str | None, folder: Path) -> tuple[list[tu
                     numbers.append(number)
                 continue
             batch.append(value.strip())
-            if len(batch) >= BATCH_ROWS:
+            batch_chars += len(batch[-1])
+            if len(batch) >= BATCH_ROWS or batch_chars >= BATCH_CHARS:
                 flush()
+                batch_chars = 0
         if batch:
             flush()
     finally:

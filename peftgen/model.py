@@ -26,6 +26,8 @@ import yaml
 from peftgen import efficiency, token_rows
 from peftgen.errors import PeftgenError
 
+# torch's recommended checkpointing: works whether or not the layer inputs need a gradient
+CHECKPOINTING = {"use_reentrant": False}
 RUN_CONFIG = "peftgen.yaml"  # marks a folder as a peftgen run
 MIN_BITSANDBYTES = (0, 47)
 
@@ -386,16 +388,18 @@ def prepare_for_training(config, precision: str = "fp32"):
         efficiency.fuse_activations(model)
     if config.mode == "full":
         if config.checkpointing:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
         return model, tokenizer, new_ids
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if config.mode == "8bit":
         # Casts the remaining float weights to fp32 and freezes the int8 ones.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.checkpointing)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.checkpointing, gradient_checkpointing_kwargs=CHECKPOINTING
+        )
     elif config.checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
         model.enable_input_require_grads()
     targets = config.target_modules or TARGET_MODULES.get(model.config.model_type, "all-linear")
     in_name, out_name, tied = embedding_names(model)

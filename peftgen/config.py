@@ -88,7 +88,7 @@ class TrainConfig:
     # Speed and memory techniques (benchmarks/README.md measures each one):
     packing: bool = True  # padding-free batches: examples end to end in one row, attention kept within each
     attention_per_example: bool = True  # packed batches: causal attention per example, not one masked (N, N) matrix
-    fused_loss: bool = True  # output layer + cross-entropy in chunks, at label positions only, no full logits
+    fused_loss: Optional[bool] = None  # output layer + cross-entropy in chunks, no full logits; None: on for lora/8bit
     optim: str = "adamw_torch_fused"  # any optimizer name transformers' TrainingArguments takes
     attention_dropout: Optional[float] = 0.0  # None: the model's own (GPT-2: 0.1, which forces unfused attention)
     frozen_bf16: bool = True  # lora/8bit under bf16: frozen weights stored in bf16 (what autocast would cast them to)
@@ -103,6 +103,17 @@ class TrainConfig:
     sample_count: int = 2  # samples per round
     sample_max_new_tokens: int = 64  # most tokens per sample
     sample_prompt: Optional[str] = None  # None: the <BOS> token
+
+    @property
+    def fuses_loss(self) -> bool:
+        """Whether the loss is computed with the output layer, in chunks (peftgen.fused_loss).
+
+        By default only where the head's weight is frozen (lora, 8bit): there it
+        saves the (tokens x vocabulary) logits and never forms the head's weight
+        gradient. In full mode that gradient is needed anyway, and measured no
+        faster than transformers' loss, so full keeps transformers' loss.
+        """
+        return self.fused_loss if self.fused_loss is not None else self.mode != "full"
 
     @property
     def checkpointing(self) -> bool:

@@ -207,13 +207,15 @@ def profile_step(model_dir: Path, files: dict, repeats: int = 3) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples = data.load_examples(files["train"], tokenizer, 512)[:2]
     print(f"profile of one step, batch of {len(examples)} pieces ({', '.join(str(len(e)) for e in examples)} tokens), bf16 autocast, median of {repeats}")
-    print(f"{'':8} {'forward':>8} {'loss':>8} {'backward':>8} {'optimizer':>9} {'total':>8}   (seconds)")
-    for name in ("before", "after"):
+    print(f"{'':11} {'forward':>8} {'loss':>8} {'backward':>8} {'optimizer':>9} {'total':>8}   (seconds)")
+    # after = peftgen full at its defaults (transformers' loss); after+fused adds fused_loss: true
+    for name in ("before", "after", "after+fused"):
+        fused = name == "after+fused"
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         model_lib.add_special_tokens(model, tokenizer, "<BOS>", "<EOS>", "<PAD>")
         model.train()
-        after = name == "after"
+        after = name != "before"
         if after:
             efficiency.set_attention_dropout(model, 0.0)
             efficiency.fuse_activations(model)
@@ -231,7 +233,7 @@ def profile_step(model_dir: Path, files: dict, repeats: int = 3) -> None:
                 marks.append(time.perf_counter())
                 detached = hidden.detach().requires_grad_()
                 targets = labels[:, 1:]
-                if after:
+                if fused:
                     keep = targets != data.IGNORE_INDEX
                     loss = linear_cross_entropy(detached[:, :-1][keep], weight, targets[keep]) / keep.sum()
                 else:  # what transformers' ForCausalLMLoss does with the model's logits
@@ -246,9 +248,10 @@ def profile_step(model_dir: Path, files: dict, repeats: int = 3) -> None:
             marks.append(time.perf_counter())
             times.append([b - a for a, b in zip(marks, marks[1:])])
         parts = [statistics.median(t[i] for t in times[1:]) for i in range(4)]
-        print(f"{name:8} {parts[0]:8.3f} {parts[1]:8.3f} {parts[2]:8.3f} {parts[3]:9.3f} {sum(parts):8.3f}")
+        print(f"{name:11} {parts[0]:8.3f} {parts[1]:8.3f} {parts[2]:8.3f} {parts[3]:9.3f} {sum(parts):8.3f}")
     print("before: padded, the model's attention dropout, logits then cross-entropy, AdamW foreach")
-    print("after:  packed with attention per example, attention dropout 0, one-kernel GELU, fused output layer + cross-entropy, AdamW fused")
+    print("after:  packed with attention per example, attention dropout 0, one-kernel GELU, AdamW fused (peftgen full)")
+    print("after+fused: the same with the fused output layer + cross-entropy (fused_loss: true)")
 
 
 # ------------------------------------------------------------------ the table (parent process)

@@ -26,9 +26,6 @@ Each one has a switch in TrainConfig and a row in benchmarks/README.md:
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-
 import torch
 
 ATTENTION_DROPOUT_KEYS = ("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob")

@@ -50,8 +50,9 @@ from pathlib import Path
 from typing import Any
 
 from peftgen import data, runs
+from peftgen.cache import cache_dir
 from peftgen.config import short
-from peftgen.errors import PeftgenError
+from peftgen.errors import PeftgenError, first_line
 
 PIPELINE = 1  # bump when the ids of a text change: every cache is then rebuilt
 HUB = "hub:"
@@ -129,8 +130,6 @@ class Tokenized:
 
 
 def cache_root() -> Path:
-    from peftgen.model import cache_dir
-
     return cache_dir() / "datasets"
 
 
@@ -184,12 +183,12 @@ def describe(spec: str | os.PathLike, what: str, text_field: str = "text", split
 
 
 def _describe_hub(spec: str, what: str, text_field: str, split: str | None) -> Source:
-    from peftgen.model import _hub_reachable
+    from peftgen.model.sources import hub_reachable
 
     name = spec[len(HUB):]
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
         raise PeftgenError(f"{short(spec)} is not a Hub dataset id. Write hub:owner/name, e.g. hub:stanfordnlp/imdb.")
-    if not _hub_reachable():
+    if not hub_reachable():
         raise PeftgenError(
             f"The {what} {spec} is a Hugging Face Hub dataset, and the Hub cannot be reached from this machine "
             "(offline). Pass a local file (.txt, .jsonl, .csv, .tsv, .parquet) or a folder saved with "
@@ -231,7 +230,7 @@ def _open_dataset(source: Source, split: str | None) -> None:
         else:
             loaded = datasets.load_dataset(source.spec[len(HUB):])
     except (OSError, ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
-        raise PeftgenError(f"Cannot load the {source.what} {source.spec}: {_first_line(error)}.") from None
+        raise PeftgenError(f"Cannot load the {source.what} {source.spec}: {first_line(error, 300)}.") from None
     if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         source.split = _choose_split(list(loaded), split, source)
         loaded = loaded[source.split]
@@ -255,11 +254,6 @@ def _check_column(source: Source, columns: list[str], dtype: str) -> None:
 
 def _cut(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:300]
 
 
 # ----------------------------------------------------------------- reading rows
@@ -324,7 +318,7 @@ def _json_rows(source: Source) -> Iterator[tuple[int, Any]]:
         try:
             items = json.loads(path.read_bytes())
         except ValueError as error:
-            raise PeftgenError(f"The {source.what} {path} is not valid JSON ({_first_line(error)}). "
+            raise PeftgenError(f"The {source.what} {path} is not valid JSON ({first_line(error, 300)}). "
                                "Give JSON lines (one object a line) or one array of objects.") from None
         for number, item in enumerate(items if isinstance(items, list) else [items], start=1):
             yield number, _field(item, name)
@@ -354,7 +348,7 @@ def _csv_header(source: Source) -> list[str]:
         with open(source.path, encoding="utf-8", newline="") as f:
             header = next(_csv_reader(f, source), None)
     except (UnicodeDecodeError, csv.Error) as error:
-        raise PeftgenError(f"Cannot read the header row of the {source.what} {source.path}: {_first_line(error)}.") from None
+        raise PeftgenError(f"Cannot read the header row of the {source.what} {source.path}: {first_line(error, 300)}.") from None
     if not header:
         raise data.empty_error(source.path, source.what)
     if source.text_field not in header:
@@ -395,7 +389,7 @@ def _parquet(source: Source):
         table = pq.ParquetFile(source.path)
     except (pa.ArrowException, OSError) as error:
         raise PeftgenError(
-            f"Cannot read the {source.what} {source.path} as parquet: {_first_line(error)}. "
+            f"Cannot read the {source.what} {source.path} as parquet: {first_line(error, 300)}. "
             "Is the file complete? Write it again, or pass the data as .jsonl or .csv."
         ) from None
     schema = table.schema_arrow
@@ -416,7 +410,7 @@ def _parquet_rows(source: Source) -> Iterator[tuple[int, Any]]:
                 yield number, value
     except (pa.ArrowException, OSError) as error:
         raise PeftgenError(
-            f"Cannot read the {source.what} {source.path} as parquet (after row {number}): {_first_line(error)}. "
+            f"Cannot read the {source.what} {source.path} as parquet (after row {number}): {first_line(error, 300)}. "
             "Is the file complete? Write it again."
         ) from None
 

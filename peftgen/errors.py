@@ -8,3 +8,9 @@ class PeftgenError(Exception):
     The CLI prints it as ``Error: <message>`` and exits with code 1, without a
     traceback. Programmer bugs raise ordinary exceptions instead.
     """
+
+
+def first_line(error: BaseException, limit: int | None = None) -> str:
+    """The first line of an error's message (its type's name if it has none), for one-line messages."""
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:limit]

@@ -1,5 +1,6 @@
 """peftgen.model.load takes a Hub id, a folder, a GGUF file or a run of any mode."""
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -71,6 +72,33 @@ def test_a_gguf_file_loads_through_transformers_and_is_cached(tmp_path, monkeypa
     assert torch.equal(logits(again, ids), logits(model, ids))
 
 
+def test_tokenizer_of_reads_any_source_without_its_weights(tiny_gpt2, make_run, tmp_path):
+    assert len(model_lib.tokenizer_of(tiny_gpt2)) == 50257
+    run = make_run("lora", tiny_gpt2)
+    for folder in (run, run / "checkpoint-3"):  # a run's own tokenizer, markers included
+        assert model_lib.tokenizer_of(folder).eos_token == "<EOS>"
+    with pytest.raises(PeftgenError, match=r"Model not found: .*nowhere does not exist"):
+        model_lib.tokenizer_of(str(tmp_path / "nowhere"))
+
+
+def test_tokenizer_of_a_gguf_file_reads_the_file_and_dequantises_nothing(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    from gguf_writer import ENDOFTEXT, write_tiny_llama_gguf
+
+    monkeypatch.setenv("PEFTGEN_CACHE", str(tmp_path / "cache"))
+    tokenizer = model_lib.tokenizer_of(write_tiny_llama_gguf(tmp_path / "tiny.gguf"))
+    assert tokenizer.eos_token == ENDOFTEXT and len(tokenizer) == 657
+    assert not (tmp_path / "cache").exists()
+
+
+def test_context_length_and_hidden_width_come_from_the_config(tiny_gpt2, tiny_llama):
+    for folder in (tiny_gpt2, tiny_llama):
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        assert (model_lib.context_length(model), model_lib.hidden_width(model)) == (256, 64)
+    unsized = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=None, n_ctx=0))
+    assert model_lib.context_length(unsized) is None and model_lib.hidden_width(unsized) is None
+
+
 def test_missing_local_paths_fail_at_once_with_the_path(tmp_path):
     with pytest.raises(PeftgenError, match=r"Model not found: .*nowhere\.gguf does not exist"):
         model_lib.load(str(tmp_path / "nowhere.gguf"))
@@ -92,7 +120,7 @@ def test_offline_hub_id_says_the_hub_cannot_be_reached_and_how_to_pass_a_folder(
 def test_offline_check_respects_an_unreachable_endpoint(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens on the discard port
-    assert model_lib._hub_reachable(timeout=1) is False
+    assert model_lib.sources.hub_reachable(timeout=1) is False
 
 
 def test_8bit_without_bitsandbytes_says_how_to_install(monkeypatch, tiny_gpt2):

@@ -74,6 +74,31 @@ def test_the_plugin_guide_shows_each_example_file_as_it_is(example):
     assert f"(../examples/{example})" in doc("docs/writing-plugins.md")
 
 
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("path", [*DOCS, ROOT / "benchmarks" / "README.md"], ids=lambda p: p.name)
+def test_every_relative_link_reaches_its_file_and_heading(path):
+    text = re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue  # https:, mailto:
+        file, _, anchor = target.partition("#")
+        linked = (path.parent / file).resolve() if file else path
+        assert linked.exists(), f"{path.name}: link to {target}, which does not exist"
+        if anchor:
+            headings = re.findall(r"^#+ (.*)$", linked.read_text(encoding="utf-8"), flags=re.M)
+            assert anchor in {slug(h) for h in headings}, f"{path.name}: link to {target}: no such heading"
+
+
+def test_slugs_are_githubs():
+    assert slug("Evaluation: `peftgen eval`") == "evaluation-peftgen-eval"
+    assert slug("Why OMP_WAIT_POLICY=PASSIVE") == "why-omp_wait_policypassive"
+    assert slug("The demo's fine-tuned model") == "the-demos-fine-tuned-model"
+
+
 # ---- every command line shown parses -------------------------------------------------------
 
 

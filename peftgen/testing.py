@@ -8,23 +8,30 @@
         check_decoder(MinP, p_min=0.2)    # and any options worth covering
 
 Each check raises AssertionError saying what is wrong. They run in a second
-or two on a tiny random model built in memory (no downloads). The built-in
-decoders pass them; see tests/test_decoders.py.
+or two on a tiny random model built in memory (no downloads). A check that
+cannot apply to a decoder says so with a ``ConformanceWarning`` (pytest lists
+it in its warnings summary). The built-in decoders pass them; see
+tests/test_decoders.py.
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import torch
 
-from peftgen.generation.decoder import SequenceDecoder, TokenDecoder
-from peftgen.generation.engine import generate
+from peftgen.generation.decoder import DecodeContext, DecodingEngine, SequenceDecoder, TokenDecoder
+from peftgen.generation.engine import Engine, generate
 from peftgen.generation.options import build_decoder, convert, decoder_options
 
 VOCAB = 96
 PROMPTS = [[1, 2, 3, 4, 5], [7], [9, 8, 7]]  # different lengths, so batches are left-padded
 MAX_NEW = 12
+
+
+class ConformanceWarning(UserWarning):
+    """A check of the kit could not apply to the decoder; the message says which and why."""
 
 
 def check_decoder(cls: type, **options: Any) -> None:
@@ -34,6 +41,8 @@ def check_decoder(cls: type, **options: Any) -> None:
     if isinstance(decoder, TokenDecoder):
         check_select_shape(decoder)
         check_select_batch_of_one(decoder)
+    else:
+        check_engine_contract(decoder)
     check_seeded_determinism(decoder)
     check_batch_of_one(decoder)
     check_stop_tokens(decoder)
@@ -95,14 +104,58 @@ def check_seeded_determinism(decoder) -> None:
     assert _tokens(first) == _tokens(again), f"two runs with seed 3 differ:\n{first}\n{again}\nDraw randomness only from ctx.generator."
 
 
+def check_engine_contract(decoder: SequenceDecoder) -> None:
+    """decode() uses only the engine members ``DecodingEngine`` lists, and through them alone gives what generate gives."""
+    n = _returns(decoder)
+    expected = _run(decoder, seed=0, matmul_layout="standard")
+    try:
+        results = decode_with_contract_only(decoder, tiny_model(), PROMPTS, num_return_sequences=n, max_new_tokens=MAX_NEW)
+    except ContractError as error:
+        raise AssertionError(f"decode() {error}") from None
+    results = [list(per_prompt)[:n] for per_prompt in results]
+    assert _tokens(results) == _tokens(expected), (
+        f"through an engine with only DecodingEngine's members decode() gave\n{results}\nbut generate gave\n{expected}"
+    )
+
+
 def check_batch_of_one(decoder) -> None:
-    """Prompts of different lengths in one batch give what each gives alone (for deterministic decoders)."""
+    """Prompts of different lengths in one batch give what each gives alone.
+
+    A deterministic decoder is compared as it runs. A sampling decoder draws all the rows of a
+    batch from the one seeded generator, so a row's draws depend on the rows before it: the
+    engine keeps each row's logits independent of the batch, not its draws. A sampling
+    TokenDecoder is therefore compared with a generator per row: select() is called on each
+    row alone with that row's own generator, in the batch and for the prompt alone, which must
+    agree (this checks how select() reads ctx.tokens and ctx.attention_mask under left padding).
+    A sampling SequenceDecoder draws through engine.generator itself; it is skipped with a
+    ConformanceWarning saying so.
+    """
     batch = _run(decoder, seed=0)
-    if _tokens(batch) != _tokens(_run(decoder, seed=1)):
-        return  # a sampling decoder: the batch's rows share the random stream, see check_select_batch_of_one
+    if _tokens(batch) == _tokens(_run(decoder, seed=1)):
+        _check_prompts_alone(batch, lambda i, prompt: _run(decoder, seed=0, prompts=[prompt])[0])
+    elif isinstance(decoder, TokenDecoder):
+        n = _returns(decoder)
+        per_row = _run(RowByRow(decoder, seeds=range(len(PROMPTS) * n)), seed=0)
+        _check_prompts_alone(
+            per_row, lambda i, prompt: _run(RowByRow(decoder, seeds=range(i * n, (i + 1) * n)), seed=0, prompts=[prompt])[0],
+            how="with a generator per row ",
+            hint="; select() must read only its own row of ctx.tokens, and only where ctx.attention_mask is 1 "
+                 "(prompts in a batch are left-padded, so ctx.tokens.shape[1] and ctx.prompt_length include padding)",
+        )
+    else:
+        warnings.warn(
+            f"check_batch_of_one skipped for decoder '{decoder.name}': its completions change with the seed, and a "
+            "sequence decoder draws every row of a batch from the one engine.generator, so a prompt's completions in "
+            "a batch and alone are different draws that cannot be compared token for token.",
+            ConformanceWarning, stacklevel=2,
+        )
+
+
+def _check_prompts_alone(batch, alone_of, how: str = "", hint: str = "") -> None:
+    """Each prompt's completions in ``batch`` equal ``alone_of(i, prompt)``, its completions generated alone."""
     for i, prompt in enumerate(PROMPTS):
-        alone = _run(decoder, seed=0, prompts=[prompt])[0]
-        assert _tokens([batch[i]]) == _tokens([alone]), f"prompt {i} gives {batch[i]} in a batch but {alone} alone"
+        alone = alone_of(i, prompt)
+        assert _tokens([batch[i]]) == _tokens([alone]), f"prompt {i} {how}gives {batch[i]} in a batch but {alone} alone{hint}"
         for in_batch, single in zip(batch[i], alone):  # padding may move scores in the last float bits only
             if in_batch.score is not None:
                 assert abs(in_batch.score - single.score) <= 1e-4 * max(1.0, abs(single.score)), f"prompt {i}: score {in_batch.score} in a batch, {single.score} alone"
@@ -112,10 +165,8 @@ def check_stop_tokens(decoder) -> None:
     """A stop token ends a completion right after it; the rest of the completion is what it was without it."""
     free = _run(decoder, seed=0)
     first = free[0][0].token_ids
-    # A stop token that first appears mid-way through the first completion.
-    position = next((i for i in range(1, len(first)) if first[i] not in first[:i]), None)
-    if position is None:
-        return  # a constant completion: nothing to stop mid-way
+    # A stop token that first appears mid-way through the first completion (its first token if it never changes).
+    position = next((i for i in range(1, len(first)) if first[i] not in first[:i]), 0)
     stop = first[position]
     stopped = _run(decoder, seed=0, stop_tokens=[stop])
     for p, completions in enumerate(stopped):
@@ -211,14 +262,80 @@ def bigram_model(table: torch.Tensor, position_bias: torch.Tensor | None = None)
     return model
 
 
-def _run(decoder, *, seed: int, prompts=PROMPTS, stop_tokens=()):
-    n = 2
+class ContractError(AttributeError):
+    """A decoder used a member of the engine that ``DecodingEngine`` does not list."""
+
+
+ENGINE_MEMBERS = frozenset(
+    [*DecodingEngine.__annotations__, *(name for name, value in vars(DecodingEngine).items() if callable(value) and not name.startswith("_"))]
+)
+
+
+class ContractEngine:
+    """A read-only view of an engine offering only the members ``DecodingEngine`` lists."""
+
+    def __init__(self, engine):
+        object.__setattr__(self, "_engine", engine)
+
+    def __getattr__(self, name):
+        if name not in ENGINE_MEMBERS:
+            raise ContractError(
+                f"used engine.{name}, which is not part of the decoder contract; a SequenceDecoder may use only "
+                f"what peftgen.generation.DecodingEngine lists: {', '.join(sorted(ENGINE_MEMBERS))}"
+            )
+        return getattr(self._engine, name)
+
+    def __setattr__(self, name, value):
+        raise ContractError(f"set engine.{name}; a SequenceDecoder only reads the engine's attributes")
+
+
+def decode_with_contract_only(decoder: SequenceDecoder, model, prompts, *, num_return_sequences: int = 1, **engine_options):
+    """``decoder.decode`` on an engine that offers only ``DecodingEngine``'s members (``ContractError`` otherwise).
+
+    The engine is the one ``generate(..., matmul_layout="standard")`` builds; ``engine_options``
+    are its keyword arguments (``max_new_tokens``, ``stop_tokens``, ``pad_token_id``, ``seed``).
+    """
+    with torch.inference_mode():
+        engine = Engine(model, prompts, **engine_options)
+        return decoder.decode(ContractEngine(engine), num_return_sequences)
+
+
+class RowByRow(TokenDecoder):
+    """Runs a TokenDecoder's select() on one row at a time, each row with its own seeded generator.
+
+    Row ``i`` of every step is selected alone (a ``(1, V)`` slice of the logits and of ``ctx``)
+    with the generator seeded ``seeds[i]``: what row ``i`` draws no longer depends on the rows
+    before it, so a row of a batch and the same prompt alone can be compared token for token.
+    """
+
+    def __init__(self, decoder: TokenDecoder, seeds):
+        self.decoder, self.seeds, self.generators = decoder, list(seeds), None
+        self.name = decoder.name  # errors name the decoder under test
+
+    def select(self, logits: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        if self.generators is None:
+            self.generators = [torch.Generator(device=logits.device).manual_seed(seed) for seed in self.seeds]
+        assert logits.shape[0] == len(self.generators), f"{logits.shape[0]} rows, {len(self.generators)} seeds"
+        rows = []
+        for i, generator in enumerate(self.generators):
+            row = DecodeContext(generator, ctx.tokens[i : i + 1], ctx.attention_mask[i : i + 1], ctx.step, ctx.prompt_length)
+            rows.append(self.decoder.select(logits[i : i + 1], row))  # (1,)
+        return torch.cat(rows)  # (N,)
+
+
+def _returns(decoder) -> int:
+    """Completions per prompt the kit asks for: 2, or 1 where a sequence decoder refuses 2."""
     if isinstance(decoder, SequenceDecoder):
         try:
-            decoder.validate(n)
+            decoder.validate(2)
         except ValueError:
-            n = 1
-    return generate(tiny_model(), prompts, decoder, max_new_tokens=MAX_NEW, num_return_sequences=n, stop_tokens=stop_tokens, seed=seed)
+            return 1
+    return 2
+
+
+def _run(decoder, *, seed: int, prompts=PROMPTS, stop_tokens=(), matmul_layout="skinny"):
+    return generate(tiny_model(), prompts, decoder, max_new_tokens=MAX_NEW, num_return_sequences=_returns(decoder),
+                    stop_tokens=stop_tokens, seed=seed, matmul_layout=matmul_layout)
 
 
 def _tokens(results) -> list:
@@ -231,7 +348,5 @@ def _logits(batch: int) -> torch.Tensor:
 
 
 def _context(batch: int, seed: int):
-    from peftgen.generation.decoder import DecodeContext
-
     tokens = torch.arange(batch * 3).view(batch, 3) % VOCAB
     return DecodeContext(torch.Generator().manual_seed(seed), tokens, torch.ones_like(tokens), step=0, prompt_length=3)

@@ -1,6 +1,7 @@
 """The engine: greedy and beam equal transformers' generate token for token (GPT-2 and a
 Llama-architecture model, batched prompts of different lengths), stop tokens stop it,
-and its step/reorder API is enough to write a sequence decoder from outside."""
+its step/reorder API is enough to write a sequence decoder from outside, and beam search
+uses no more of it than the DecodingEngine contract lists."""
 from __future__ import annotations
 
 import itertools
@@ -9,12 +10,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from peftgen import SequenceDecoder, TokenDecoder
+from peftgen import DecodingEngine, SequenceDecoder, TokenDecoder
 from peftgen.decoders.beam import BeamSearch
 from peftgen.decoders.greedy import Greedy
 from peftgen.errors import PeftgenError
 from peftgen.generation import generate
-from peftgen.testing import bigram_model
+from peftgen.generation.engine import Engine
+from peftgen.testing import ENGINE_MEMBERS, ContractError, bigram_model, check_decoder, decode_with_contract_only
 
 PROMPTS = [[50256, 464, 3290, 318], [50256, 40], [50256, 1212, 318]]  # lengths 4, 2, 3: left padding
 PAD = 50256
@@ -240,6 +242,65 @@ def test_matmuls_are_swapped_only_during_generation_and_compute_the_same_logits(
     with pytest.raises(PeftgenError):
         generate(model, PROMPTS, Boom(), max_new_tokens=3)
     assert dict(model.named_modules()) == before  # restored after an error too
+
+
+def test_the_layout_of_cpu_matmuls_is_a_parameter_and_both_layouts_give_the_same_tokens(model):
+    heads = {}  # the output layer's class while each layout decodes
+    for layout in ("skinny", "standard"):
+        seen = set()
+        results = generate(model, PROMPTS, Greedy(), max_new_tokens=NEW, pad_token_id=PAD, matmul_layout=layout,
+                           on_token=lambda step, tokens: seen.add(type(model.get_output_embeddings()).__name__))
+        heads[layout] = (seen, [c[0].token_ids for c in results])
+    assert heads["skinny"][0] == {"_Skinny"} and heads["standard"][0] == {"Linear"}
+    assert heads["skinny"][1] == heads["standard"][1] == _reference(model, eos_token_id=None)
+    with pytest.raises(PeftgenError, match=r"^matmul_layout must be one of 'skinny', 'standard', got 'wide'\.$"):
+        generate(model, PROMPTS, Greedy(), max_new_tokens=2, matmul_layout="wide")
+
+
+# ---------------------------------------------------------------- the decoder contract
+
+
+def test_the_engine_has_every_member_the_contract_lists(model):
+    with torch.inference_mode():
+        engine = Engine(model, PROMPTS, max_new_tokens=3, stop_tokens=[PAD])
+    assert isinstance(engine, DecodingEngine)
+    assert ENGINE_MEMBERS == {"batch_size", "max_new_tokens", "prompt_ids", "prompt_mask", "stop_tokens", "pad_token_id",
+                              "generator", "device", "start", "step", "reorder", "completion"}
+
+
+@pytest.mark.parametrize("num_beams, length_penalty, early_stopping, n, ngram", BEAM_SETTINGS)
+def test_beam_search_uses_only_what_the_contract_lists(model, num_beams, length_penalty, early_stopping, n, ngram):
+    """Through an engine that has nothing but DecodingEngine's members, beam search runs and
+    returns what generate returns (a use of anything else is a ContractError)."""
+    beam = BeamSearch(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                      no_repeat_ngram_size=ngram)
+    free = generate(model, PROMPTS, beam, max_new_tokens=NEW, num_return_sequences=n, pad_token_id=PAD, matmul_layout="standard")
+    produced = sorted({completions[-1].token_ids[2] for completions in free})  # stop tokens the hypotheses meet
+    for stop in ([], produced):
+        expected = free if not stop else generate(model, PROMPTS, beam, max_new_tokens=NEW, num_return_sequences=n,
+                                                  stop_tokens=stop, pad_token_id=PAD, matmul_layout="standard")
+        through = decode_with_contract_only(beam, model, PROMPTS, num_return_sequences=n, max_new_tokens=NEW,
+                                            stop_tokens=stop, pad_token_id=PAD)
+        assert through == expected
+    assert expected != free  # the stop tokens mattered
+
+
+class PeeksAtTheEngine(SequenceDecoder):
+    """Greedy, but reads engine.prompt_length, which the contract does not list."""
+
+    name = "peeks"
+
+    def decode(self, engine, num_return_sequences):
+        first = engine.start().argmax(dim=-1).tolist()  # (B,) each prompt's most probable token
+        return [[engine.completion([token] * min(engine.prompt_length, engine.max_new_tokens))] for token in first]
+
+
+def test_a_sequence_decoder_using_more_than_the_contract_fails_the_kit():
+    with pytest.raises(ContractError, match=r"used engine\.prompt_length, which is not part of the decoder contract"):
+        decode_with_contract_only(PeeksAtTheEngine(), bigram_model(torch.eye(12)), [[1, 2], [3]], max_new_tokens=2)
+    with pytest.raises(AssertionError, match=r"^decode\(\) used engine\.prompt_length, which is not part of"):
+        check_decoder(PeeksAtTheEngine)
+    assert generate(bigram_model(torch.eye(12)), [[1, 2], [3]], PeeksAtTheEngine(), max_new_tokens=2)  # the real engine has it
 
 
 class SampleAndRank(SequenceDecoder):

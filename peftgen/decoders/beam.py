@@ -3,7 +3,7 @@ from typing import Literal
 
 import torch
 
-from peftgen import SequenceDecoder, hookimpl
+from peftgen import Completion, DecodingEngine, SequenceDecoder, hookimpl
 
 NEG = -1.0e9  # "impossible" score; added rather than masked so the arithmetic matches transformers
 
@@ -45,7 +45,7 @@ class BeamSearch(SequenceDecoder):
                 f"Lower --num-return-sequences or pass -o num_beams={num_return_sequences}"
             )
 
-    def decode(self, engine, num_return_sequences):
+    def decode(self, engine: DecodingEngine, num_return_sequences: int) -> list[list[Completion]]:
         if self.num_beams == 1:
             return self._greedy(engine)
         B, K, new = engine.batch_size, self.num_beams, engine.max_new_tokens
@@ -117,7 +117,7 @@ class BeamSearch(SequenceDecoder):
             for b in range(B)
         ]
 
-    def _greedy(self, engine):
+    def _greedy(self, engine: DecodingEngine) -> list[list[Completion]]:
         """One beam is greedy decoding (as in transformers, where the beam options then do nothing)."""
         B, new = engine.batch_size, engine.max_new_tokens
         tokens = torch.full((B, new), engine.pad_token_id, dtype=torch.long, device=engine.device)
@@ -133,7 +133,7 @@ class BeamSearch(SequenceDecoder):
                 logits = engine.step(tokens[:, t])
         return [[engine.completion(row)] for row in tokens[:, : t + 1].tolist()]
 
-    def _ngram_ban(self, engine, rows_per_prompt: int):
+    def _ngram_ban(self, engine: DecodingEngine, rows_per_prompt: int):
         """``ban(generated (N, t), scores (N, V))``: scores with repeated n-grams set to -inf.
 
         transformers' own NoRepeatNGramLogitsProcessor, applied as generate applies it: to each

@@ -8,6 +8,7 @@ Two kinds, both registered through the ``register_decoders`` hook:
   rule of a few lines.
 - ``SequenceDecoder``: drives the engine itself (``start``/``step``/``reorder``)
   for strategies that keep several hypotheses per prompt, such as beam search.
+  ``DecodingEngine`` lists everything of the engine it may use.
 
 A decoder's options are the keyword arguments of its ``__init__``; their
 annotations say how ``-o key=value`` strings are converted (see options.py).
@@ -16,12 +17,10 @@ This module imports nothing heavy so that ``import peftgen`` stays cheap.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol, Sequence, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
-
-    from peftgen.generation.engine import Engine
 
 
 @dataclass
@@ -64,18 +63,78 @@ class TokenDecoder:
         raise NotImplementedError
 
 
+@runtime_checkable
+class DecodingEngine(Protocol):
+    """What a ``SequenceDecoder`` may use of the engine: these members and no others.
+
+    One engine serves one batch of ``B`` prompts. Rows are what the model sees:
+    ``start(expand)`` gives every prompt ``expand`` rows (prompt 0's rows first),
+    ``reorder`` picks, repeats or drops rows of the KV cache, and ``step`` feeds
+    one token to every row there is. ``N`` below is the current number of rows.
+    """
+
+    batch_size: int
+    """``B``, the number of prompts; ``decode`` returns one list of completions for each."""
+
+    max_new_tokens: int
+    """The most tokens a completion may have; ``step`` may be called at most this many times."""
+
+    prompt_ids: torch.Tensor
+    """``(B, T0)`` int64 the prompts, left-padded with ``pad_token_id`` to the longest one's length ``T0``."""
+
+    prompt_mask: torch.Tensor
+    """``(B, T0)`` int64, 1 on the prompts' tokens and 0 on their left padding."""
+
+    stop_tokens: torch.Tensor
+    """``(S,)`` int64 ids that end a sequence (``S`` may be 0): a completion ends with the first one it produces."""
+
+    pad_token_id: int
+    """The id of the padding, in ``prompt_ids`` and for rows that have finished."""
+
+    generator: torch.Generator
+    """Seeded ``torch.Generator`` on ``device``: draw all randomness from it so that ``--seed`` repeats a run."""
+
+    device: torch.device
+    """The model's device, where the logits are and where tensors passed back should be."""
+
+    def start(self, expand: int = 1) -> torch.Tensor:
+        """Run the prompts, giving each ``expand`` rows; call once, first.
+
+        :param expand: rows per prompt; rows ``b * expand`` to ``(b + 1) * expand - 1`` belong to prompt ``b``.
+        :return: ``(B * expand, V)`` float32 logits of each row's first new token.
+        """
+        ...
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token to every row.
+
+        :param tokens: ``(N,)`` int64, the token each row chose.
+        :return: ``(N, V)`` float32 logits of each row's next token.
+        """
+        ...
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep the KV cache rows ``rows``, in that order: repeat a row to fork a hypothesis, leave it out to drop it.
+
+        :param rows: ``(N',)`` int64 indices into the current ``N`` rows; ``N'`` rows follow.
+        """
+        ...
+
+    def completion(self, token_ids: Sequence[int], score: float | None = None) -> Completion:
+        """A finished ``Completion``: ``token_ids`` cut after the first stop token, with its finish reason.
+
+        :param token_ids: the generated ids (prompt excluded).
+        :param score: the decoder's score of the sequence, if it has one.
+        """
+        ...
+
+
 class SequenceDecoder:
     """Base class of decoders that manage whole hypotheses (beam search and friends).
 
-    ``decode`` gets the ``Engine`` for a batch of prompts and returns, for each
-    prompt, its completions best first. The engine offers:
-
-    - ``engine.start(expand)``: run the prompts, give each ``expand`` rows; returns logits ``(B*expand, V)``
-      with rows ordered prompt by prompt.
-    - ``engine.step(tokens)``: feed one token per row ``(N,)``; returns the next logits ``(N, V)``.
-    - ``engine.reorder(rows)``: keep rows ``rows`` ``(N',)`` of the KV cache, in that order (repeats allowed).
-    - ``engine.completion(token_ids, score)``: a finished ``Completion``, its finish reason worked out.
-    - ``engine.batch_size``, ``engine.max_new_tokens``, ``engine.stop_tokens`` ``(S,)``, ``engine.generator``.
+    ``decode`` gets the engine of a batch of prompts and returns, for each
+    prompt, its completions best first. Of the engine it may use only what
+    ``DecodingEngine`` lists (``peftgen.testing.check_decoder`` checks that).
     """
 
     name: ClassVar[str] = ""
@@ -83,8 +142,13 @@ class SequenceDecoder:
     def validate(self, num_return_sequences: int) -> None:
         """Raise ValueError if this decoder cannot return that many completions per prompt."""
 
-    def decode(self, engine: Engine, num_return_sequences: int) -> list[list[Completion]]:
-        """For each prompt, ``num_return_sequences`` completions, best first."""
+    def decode(self, engine: DecodingEngine, num_return_sequences: int) -> list[list[Completion]]:
+        """For each prompt, ``num_return_sequences`` completions, best first.
+
+        :param engine: the batch's prompts on the model, driven with ``start``, ``step`` and ``reorder``.
+        :param num_return_sequences: completions wanted per prompt (``validate`` has accepted it).
+        :return: ``engine.batch_size`` lists, each of at least one ``Completion`` (``engine.completion`` makes them).
+        """
         raise NotImplementedError
 
 

@@ -13,14 +13,17 @@ preallocated buffer and checks stop tokens on the device.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
 from peftgen.errors import PeftgenError
 from peftgen.generation.decoder import Completion, DecodeContext, SequenceDecoder, TokenDecoder
 from peftgen.generation import fast
+
+MATMUL_LAYOUTS = ("skinny", "standard")  # generate(matmul_layout=...): how CPU float32 weights are multiplied
 
 
 class Engine:
@@ -29,7 +32,7 @@ class Engine:
     Rows are what the model sees: ``start(expand)`` gives every prompt
     ``expand`` rows (prompt 0's rows first), ``reorder`` picks, repeats or
     permutes rows of the KV cache. Token decoders never see the engine;
-    sequence decoders drive it (see ``SequenceDecoder``).
+    sequence decoders drive it through the members ``DecodingEngine`` lists.
     """
 
     def __init__(
@@ -143,18 +146,25 @@ def generate(
     pad_token_id: int | None = None,
     seed: int = 0,
     on_token: Callable[[int, torch.Tensor], None] | None = None,
+    matmul_layout: Literal["skinny", "standard"] = "skinny",
 ) -> list[list[Completion]]:
     """For each prompt (a list of token ids), ``num_return_sequences`` completions.
 
     Generation of a row stops at the first of ``stop_tokens`` (kept in its
     ``token_ids``) or after ``max_new_tokens``. ``on_token(step, tokens)`` is
     called with each step's ``(N,)`` tokens (token decoders only), for streaming.
+    ``matmul_layout`` is how float32 weights on CPU are multiplied while decoding:
+    ``"skinny"`` as ``(W @ x.T).T``, faster for a few rows (see fast.py), or
+    ``"standard"``, the model's own modules; other weights are never swapped.
     """
     check_request(decoder, num_return_sequences, max_new_tokens)
+    if matmul_layout not in MATMUL_LAYOUTS:
+        raise PeftgenError(f"matmul_layout must be one of {', '.join(map(repr, MATMUL_LAYOUTS))}, got {matmul_layout!r}.")
     if not prompts or any(len(prompt) == 0 for prompt in prompts):
         raise PeftgenError("Every prompt needs at least one token. Pass a non-empty prompt (or a tokenizer with a bos token).")
     check_context(model, max(len(prompt) for prompt in prompts), max_new_tokens)
-    with torch.inference_mode(), fast.skinny_matmuls(model):
+    swap = fast.skinny_matmuls(model) if matmul_layout == "skinny" else contextlib.nullcontext()
+    with torch.inference_mode(), swap:
         engine = Engine(
             model, prompts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
             pad_token_id=pad_token_id, seed=seed,

@@ -9,7 +9,8 @@
    8 ms. So while the engine runs, every float32 ``nn.Linear`` and GPT-2
    ``Conv1D`` on CPU is swapped for ``_Skinny`` (same weights; a Conv1D,
    stored (in, out), gets a transposed copy, within a memory budget) and put
-   back afterwards. bfloat16 weights are left alone: there the usual layout
+   back afterwards (``generate(..., matmul_layout="standard")`` leaves the
+   model as it is). bfloat16 weights are left alone: there the usual layout
    (oneDNN) is the faster one.
 2. The KV cache. transformers' ``DynamicLayer`` grows keys and values with
    ``torch.cat`` every step, copying the whole cache each time: O(T^2) bytes

@@ -1,5 +1,6 @@
 """The built-in decoders: each passes the conformance kit, samples only from its allowed set,
-repeats under a seed, and draws with the probabilities it promises (chi-square)."""
+repeats under a seed, and draws with the probabilities it promises (chi-square). And the kit
+fails decoders that break the rules, sampling ones included."""
 from __future__ import annotations
 
 import math
@@ -11,10 +12,11 @@ from peftgen.decoders.beam import BeamSearch
 from peftgen.decoders.greedy import Greedy
 from peftgen.decoders.topk import TopK
 from peftgen.decoders.topp import TopP
+from peftgen import Completion, SequenceDecoder, TokenDecoder
 from peftgen.errors import PeftgenError
 from peftgen.generation import build_decoder, generate
 from peftgen.generation.decoder import DecodeContext
-from peftgen.testing import check_decoder, tiny_model
+from peftgen.testing import ConformanceWarning, check_decoder, check_stop_tokens, tiny_model
 
 
 @pytest.mark.parametrize("cls, options", [
@@ -31,6 +33,80 @@ from peftgen.testing import check_decoder, tiny_model
 ], ids=lambda value: str(value) if isinstance(value, dict) else value.name)
 def test_builtins_pass_the_conformance_kit(cls, options):
     check_decoder(cls, **options)
+
+
+# ---------------------------------------------------------------- the kit fails broken decoders
+
+
+class ContextTempered(TokenDecoder):
+    """Samples with a temperature that grows with the context, which it measures wrongly:
+    ctx.tokens.shape[1] counts the left padding of a batch too."""
+
+    name = "context-tempered"
+
+    def temperature(self, ctx: DecodeContext):
+        return 0.5 + 0.1 * ctx.tokens.shape[1]
+
+    def select(self, logits, ctx):
+        probs = torch.softmax(logits / self.temperature(ctx), dim=-1)  # (B, V)
+        return torch.multinomial(probs, 1, generator=ctx.generator).squeeze(-1)  # (B,)
+
+
+class ContextTemperedFixed(ContextTempered):
+    """The same, with each row's context measured by its attention mask."""
+
+    name = "context-tempered-fixed"
+
+    def temperature(self, ctx: DecodeContext):
+        return 0.5 + 0.1 * ctx.attention_mask.sum(dim=-1, keepdim=True)  # (B, 1), padding excluded
+
+
+def test_a_sampling_decoder_that_reads_the_padding_fails_the_kit():
+    """Each step treats rows alike and draws only from ctx.generator, so the step-level checks
+    pass; only generating a batch row by row, each row with its own generator, shows that a
+    prompt's samples depend on the other prompts of its batch."""
+    with pytest.raises(AssertionError, match=r"prompt 1 with a generator per row gives .* in a batch but .* alone; "
+                                             r"select\(\) must read only its own row"):
+        check_decoder(ContextTempered)
+    check_decoder(ContextTemperedFixed)
+
+
+class SampleEach(SequenceDecoder):
+    """Plain sampling written as a sequence decoder: every row draws from engine.generator."""
+
+    name = "sample-each"
+
+    def decode(self, engine, num_return_sequences):
+        n, new = num_return_sequences, engine.max_new_tokens
+        logits = engine.start(expand=n)  # (B*n, V)
+        steps = []
+        for t in range(new):
+            steps.append(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=engine.generator).squeeze(-1))
+            if t + 1 < new:
+                logits = engine.step(steps[-1])
+        rows = torch.stack(steps, dim=1).tolist()  # (B*n, new); completion() cuts each after its stop token
+        return [[engine.completion(row) for row in rows[b * n : (b + 1) * n]] for b in range(engine.batch_size)]
+
+
+def test_a_sampling_sequence_decoder_is_told_why_the_batch_check_skips_it():
+    with pytest.warns(ConformanceWarning, match=r"^check_batch_of_one skipped for decoder 'sample-each': its completions "
+                                                r"change with the seed, and a sequence decoder draws every row"):
+        check_decoder(SampleEach)
+
+
+class Repeats(SequenceDecoder):
+    """Always token 5, and blind to stop tokens."""
+
+    name = "repeats"
+
+    def decode(self, engine, num_return_sequences):
+        engine.start()
+        return [[Completion([5] * engine.max_new_tokens, "length")] for _ in range(engine.batch_size)]
+
+
+def test_a_constant_decoder_is_still_checked_for_stop_tokens():
+    with pytest.raises(AssertionError, match=r"prompt 0: generation went on past the stop token 5"):
+        check_stop_tokens(Repeats())
 
 
 # ---------------------------------------------------------------- allowed sets

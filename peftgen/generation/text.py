@@ -38,10 +38,18 @@ def stop_token_ids(tokenizer, stop_tokens: list[str] | None) -> list[int]:
     return ids
 
 
+def text_ids(completion: Completion) -> list[int]:
+    """The ids of what a completion says: its token_ids without the stop token that ended it."""
+    return completion.token_ids[:-1] if completion.finish_reason == "stop" else list(completion.token_ids)
+
+
 def completion_text(tokenizer, completion: Completion) -> str:
-    """The generated text: prompt and stop token excluded."""
-    ids = completion.token_ids[:-1] if completion.finish_reason == "stop" else completion.token_ids
-    return tokenizer.decode(ids, skip_special_tokens=False)
+    """The generated text: prompt and stop token excluded, other special tokens kept visible.
+
+    An instruct model may close a text with its own end-of-turn token (``<|im_end|>``)
+    rather than the stop token; keeping special tokens shows that.
+    """
+    return tokenizer.decode(text_ids(completion), skip_special_tokens=False)
 
 
 class Streamer:

@@ -18,5 +18,6 @@ def register_decoders(register):
 
     :param register: call ``register(cls)`` once per decoder class: a subclass of
         ``peftgen.TokenDecoder`` (picks one token per step) or ``peftgen.SequenceDecoder``
-        (drives the engine, e.g. beam search) whose ``name`` no other plugin uses.
+        (drives the engine through what ``peftgen.DecodingEngine`` lists, e.g. beam search)
+        whose ``name`` no other plugin uses.
     """

@@ -115,7 +115,7 @@ def before_examples(config, tokenizer):
 
 def child(args) -> None:
     started = time.perf_counter()
-    from peftgen import config as config_lib, train as train_lib
+    from peftgen import config as config_lib, training as train_lib
 
     imports = time.perf_counter() - started
     if args.child == "before":
@@ -143,10 +143,10 @@ def child(args) -> None:
     train_lib.PeftgenTrainer.training_step = first_step
     config = config_lib.resolve(None, dict(
         model=args.model, mode="full", train_file=args.train_file, output_dir=args.output_dir, max_steps=1,
-        max_length=MAX_LENGTH, batch_size=2, precision="fp32", overwrite=True, logging_steps=1,
+        max_length=MAX_LENGTH, batch_size=2, precision="fp32", logging_steps=1,
     ))
     t0 = time.perf_counter()
-    train_lib.train(config, progress=False)
+    train_lib.train(config, overwrite=True, progress=False)
 
 
 def run_process(path: str, model: Path, corpus: Path, cache: Path, scratch: Path) -> dict:

@@ -91,7 +91,7 @@ def build_model(shape: str, folder: Path) -> Path:
 
 def build_data(folder: Path, n_train: int, n_valid: int) -> dict[str, Path]:
     """Speed files (pieces of at most 512 tokens) and a memory file (every example exactly 512 tokens)."""
-    from peftgen import prepare as prepare_lib
+    from peftgen import preparation as prepare_lib
 
     prepared = folder / "prepared"
     if not (prepared / "train.txt").is_file():
@@ -143,16 +143,16 @@ def run_plain(model_dir: Path, files: dict, bf16: bool, memory: bool, output: Pa
 
 
 def run_peftgen(model_dir: Path, files: dict, mode: str, overrides: dict, memory: bool, output: Path) -> dict:
-    from peftgen import config as config_lib, data, model as model_lib, train as train_lib
+    from peftgen import config as config_lib, data, model as model_lib, training as train_lib
 
     settings = dict(
         model=str(model_dir), mode=mode, train_file=str(files["long" if memory else "train"]), output_dir=str(output),
         batch_size=BATCH, epochs=EPOCHS, max_steps=3 if memory else -1, save_steps=10_000, logging_steps=1,
-        max_length=512, overwrite=True,
+        max_length=512,
     )
     # apply() keeps an override of None (e.g. attention_dropout: null), which resolve() reads as "not given"
     config = config_lib.apply(config_lib.resolve(None, settings), overrides, "benchmark").validate()
-    result = train_lib.train(config, progress=False)
+    result = train_lib.train(config, overwrite=True, progress=False)
     out = {"runtime": result.metrics["train_runtime"], "train_loss": result.metrics["train_loss"], "peak_rss": peak_rss()}
     loaded, tokenizer = model_lib.load(output)
     out["label_tokens"] = label_tokens(data.load_examples(settings["train_file"], tokenizer, 512))
@@ -162,10 +162,10 @@ def run_peftgen(model_dir: Path, files: dict, mode: str, overrides: dict, memory
 
 
 def validation_loss(model, tokenizer, file: Path) -> float:
-    from peftgen import evaluate as evaluate_lib
+    from peftgen import evaluation as evaluate_lib
 
     model.eval()
-    return evaluate_lib.evaluate(model.float(), tokenizer, file, batch_size=4, max_length=512, precision="fp32", progress=False).loss
+    return evaluate_lib.evaluate(model.float(), file, tokenizer=tokenizer, batch_size=4, max_length=512, precision="fp32", progress=False).loss
 
 
 def peak_rss() -> float:

@@ -1,12 +1,14 @@
-"""Training configuration: dataclass defaults, then a YAML file, then typed flags.
+"""Training settings: each defined once, on ``TrainConfig``, with its default, type and help.
 
-    cfg = resolve(yaml_path="configs/lora.yaml", flags={"lr": 1e-4})
+    cfg = resolve("configs/lora.yaml", flags={"lr": 1e-4})
 
-YAML keys are the field names below (``train_file``, ``lora_r``...), the same
-words as the CLI flags with dashes turned into underscores. Unknown keys and
-values of the wrong type fail with the key, the file and the expected type.
-The resolved config is written next to a run's outputs (``peftgen.yaml``), so
-the folder alone says how to reproduce the run.
+Values flow one way: the dataclass defaults, then a YAML file, then the flags
+the user typed (None means not typed). YAML keys are the field names below
+(``train_file``, ``lora_r``...), the CLI flags the same words with dashes
+(``--train-file``); the ``train`` command's flags and docs/settings.md are
+built from these fields. Unknown keys and values of the wrong type fail with
+the key, the file and the expected type. A run folder keeps its settings in
+``peftgen.yaml``, which ``peftgen train -c`` accepts as it is.
 """
 from __future__ import annotations
 
@@ -19,10 +21,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import yaml
 
+from peftgen import markers
 from peftgen.errors import PeftgenError
 
 MODES = ("full", "lora", "8bit")
@@ -55,54 +58,75 @@ def short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def setting(default: Any = None, help: str = "", *, factory=None, shown: str | None = None, flag: str | None = None):
+    """A TrainConfig field with its one-line help.
+
+    shown: the default as help and docs show it, where the value alone does not
+    say it (None meaning "chosen per mode"); flag: the option's name where it is
+    not the key's (``--sample-option``, given once per key=value).
+    """
+    metadata = {"help": help, "shown": shown, "flag": flag}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
-    model: str = "gpt2"  # Hub id, local folder, .gguf file
-    mode: str = "lora"  # full | lora | 8bit
-    train_file: Optional[str] = None  # one example per non-blank line
-    valid_file: Optional[str] = None  # evaluated every eval_steps and at the end
-    text_field: str = "text"  # column holding the text in .jsonl/.csv/.tsv/.parquet files, saved and Hub datasets
-    split: Optional[str] = None  # split of a Hub dataset or saved DatasetDict for train_file; None: train
-    output_dir: str = "runs/peftgen"
-    epochs: float = 5.0
-    batch_size: int = 2
-    grad_accum: int = 1
-    lr: Optional[float] = None  # None: DEFAULT_LR[mode]
-    max_steps: int = -1  # > 0 overrides epochs
-    max_length: int = 512  # tokens per example, markers included
-    eval_steps: int = 500
-    save_steps: int = 500
-    logging_steps: int = 10
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    seed: int = 42
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0  # PEFT's default; > 0 keeps a dropped-out copy of every adapted layer's input
-    target_modules: Optional[list[str]] = None  # None: chosen per architecture
-    bos_token: str = "<BOS>"
-    eos_token: str = "<EOS>"
-    pad_token: str = "<PAD>"
-    gradient_checkpointing: Optional[bool] = None  # None: on for lora/8bit (memory is their point), off for full
+    model: str = setting("gpt2", "Hub id, local model folder or .gguf file.")
+    mode: str = setting("lora", "full, lora or 8bit (LLM.int8 + LoRA).")
+    train_file: Optional[str] = setting(
+        None, "Training data: .txt (one example a line), .jsonl, .json, .csv, .tsv, .parquet, "
+              "a Dataset.save_to_disk folder or hub:owner/name.", shown="required")
+    valid_file: Optional[str] = setting(None, "Validation data, evaluated every eval_steps updates and at the end.", shown="none")
+    text_field: str = setting("text", "Column holding the text in .jsonl, .csv, .tsv, .parquet and dataset sources.")
+    split: Optional[str] = setting(None, "Split of a hub:owner/name dataset or saved DatasetDict to train on.", shown="train")
+    output_dir: str = setting("runs/peftgen", "Run folder: checkpoints, model or adapter, settings, curves.")
+    epochs: float = setting(5.0, "Passes over the training data.")
+    batch_size: int = setting(2, "Examples per device per step.")
+    grad_accum: int = setting(1, "Steps to accumulate before each optimizer update.")
+    lr: Optional[float] = setting(None, "Peak learning rate.", shown="5e-5 full, 2e-4 lora/8bit")
+    max_steps: int = setting(-1, "Stop after this many updates; overrides epochs when > 0.")
+    max_length: int = setting(512, "Tokens per example, markers included; longer examples are cut.")
+    eval_steps: int = setting(500, "Evaluate on valid_file every N updates.")
+    save_steps: int = setting(500, "Write a checkpoint every N updates.")
+    logging_steps: int = setting(10, "Log the training loss every N updates.")
+    warmup_steps: int = setting(0, "Updates over which the learning rate rises from 0 to lr.")
+    weight_decay: float = setting(0.0, "Weight decay of the optimizer.")
+    seed: int = setting(42, "Seed for initialisation, shuffling and dropout.")
+    precision: str = setting("auto", "auto, fp32, bf16 or fp16; auto picks bf16 where it is fast.")
+    lora_r: int = setting(8, "LoRA rank.")
+    lora_alpha: int = setting(16, "LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = setting(0.0, "Dropout on the LoRA path; > 0 keeps a copy of every adapted layer's input.")
+    target_modules: Optional[list[str]] = setting(
+        None, "Module names LoRA adapts (comma-separated on the command line).", shown="per architecture")
+    bos_token: str = setting(markers.BOS, "Marker added before every example.")
+    eos_token: str = setting(markers.EOS, "Marker added after every example; generation stops at it.")
+    pad_token: str = setting(markers.PAD, "Padding marker.")
+    gradient_checkpointing: Optional[bool] = setting(
+        None, "Recompute activations in the backward pass instead of keeping them.", shown="on for lora/8bit, off for full")
     # Speed and memory techniques (benchmarks/README.md measures each one):
-    packing: bool = True  # padding-free batches: examples end to end in one row, attention kept within each
-    attention_per_example: bool = True  # packed batches: causal attention per example, not one masked (N, N) matrix
-    fused_loss: Optional[bool] = None  # output layer + cross-entropy in chunks, no full logits; None: on for lora/8bit
-    optim: str = "adamw_torch_fused"  # any optimizer name transformers' TrainingArguments takes
-    attention_dropout: Optional[float] = 0.0  # None: the model's own (GPT-2: 0.1, which forces unfused attention)
-    frozen_bf16: bool = True  # lora/8bit under bf16: frozen weights stored in bf16 (what autocast would cast them to)
-    fused_activations: bool = True  # GPT-2's gelu_new as one kernel (gelu_pytorch_tanh): less memory, same function
-    fast_token_rows: bool = True  # lora/8bit: new-token rows applied directly, not via a copy of the whole matrix
-    report_to: list[str] = field(default_factory=list)  # e.g. [tensorboard], [wandb]
-    resume: bool = False
-    overwrite: bool = False
-    sample_every: int = 0  # evaluations between sample rounds; 0: no samples
-    sample_decoder: str = "topk"  # any installed decoder, plugins included ('peftgen decoders')
-    sample_options: dict = field(default_factory=dict)  # the decoder's -o options, e.g. {k: 50, p: 0.9}
-    sample_count: int = 2  # samples per round
-    sample_max_new_tokens: int = 64  # most tokens per sample
-    sample_prompt: Optional[str] = None  # None: the <BOS> token
+    packing: bool = setting(True, "Padding-free batches: examples end to end in one row, attention kept within each.")
+    attention_per_example: bool = setting(True, "Packed batches: causal attention per example, not one masked (N, N) matrix.")
+    fused_loss: Optional[bool] = setting(
+        None, "Output layer and cross-entropy in chunks, without the full logits.", shown="on for lora/8bit, off for full")
+    optim: str = setting("adamw_torch_fused", "Optimizer: any name transformers' TrainingArguments takes.")
+    attention_dropout: Optional[float] = setting(
+        0.0, "Attention dropout; null (YAML) keeps the model's own (GPT-2: 0.1, which forces unfused attention).")
+    frozen_bf16: bool = setting(True, "lora/8bit under bf16: frozen weights stored in bf16 (what autocast would cast them to).")
+    fused_activations: bool = setting(True, "GPT-2's gelu_new as one kernel (gelu_pytorch_tanh): less memory, same function.")
+    fast_token_rows: bool = setting(True, "lora/8bit: new-token rows applied directly, not via a copy of the whole matrix.")
+    report_to: list[str] = setting(
+        help="Trackers for Trainer, e.g. tensorboard,wandb (comma-separated on the command line).", factory=list, shown="none")
+    # Samples during training (peftgen.sampling):
+    sample_every: int = setting(0, "Generate samples at every Nth evaluation (samples.jsonl, <EOS> rate in loss.png); 0: never.")
+    sample_decoder: str = setting("topk", "Decoder of those samples; 'peftgen decoders' lists them.")
+    sample_options: dict = setting(
+        help="Options of sample_decoder, e.g. {k: 50}; on the command line --sample-option k=50, repeatable.",
+        factory=dict, shown="the decoder's own", flag="--sample-option")
+    sample_count: int = setting(2, "Samples per round.")
+    sample_max_new_tokens: int = setting(64, "Most tokens per sample.")
+    sample_prompt: Optional[str] = setting(None, "Text the samples continue.", shown="the bos_token")
 
     @property
     def fuses_loss(self) -> bool:
@@ -186,18 +210,17 @@ class TrainConfig:
         _check_report_to(self.report_to)
         _check_sampling(self)
         _check_speed(self)
-        if self.resume and self.overwrite:
-            raise PeftgenError("--resume continues the run in the output folder; --overwrite deletes it. Pick one.")
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        """Every setting, the learning rate resolved: what a run saves and ``train -c`` reads back."""
         data = dataclasses.asdict(self)
         data["lr"] = self.learning_rate
         return data
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_HINTS = typing.get_type_hints(TrainConfig)
+HINTS = typing.get_type_hints(TrainConfig)
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -270,13 +293,24 @@ def _check_report_to(names: list[str]) -> None:
             )
 
 
-def _type_name(hint) -> str:
+def type_name(hint) -> str:
+    """A field's type in words: 'int', 'float or null', 'list of str'."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return _type_name(args[0]) + " or null"
+        return type_name(args[0]) + " or null"
     if typing.get_origin(hint) is list:
-        return f"list of {_type_name(args[0])}"
+        return f"list of {type_name(args[0])}"
+    if hint is dict:
+        return "mapping"
     return hint.__name__
+
+
+def shown_default(name: str) -> str:
+    """A field's default as help and docs show it: 'lora', '5e-5 full, 2e-4 lora/8bit', 'true'."""
+    f = FIELDS[name]
+    if f.metadata.get("shown"):
+        return f.metadata["shown"]
+    return yaml.safe_dump(f.default, default_flow_style=True).removesuffix("\n...\n").strip()
 
 
 def _check_type(key: str, value: Any, hint, where: str) -> Any:
@@ -301,11 +335,11 @@ def _check_type(key: str, value: Any, hint, where: str) -> Any:
     elif isinstance(value, hint):
         return value
     raise PeftgenError(
-        f"{where}: '{key}' must be {_type_name(hint)}, got {short(value)} ({type(value).__name__})."
+        f"{where}: '{key}' must be {type_name(hint)}, got {short(value)} ({type(value).__name__})."
     )
 
 
-def apply(config: TrainConfig, values: dict[str, Any], where: str) -> TrainConfig:
+def apply(config: TrainConfig, values: Mapping[str, Any], where: str) -> TrainConfig:
     """A copy of config with values set, after checking each key and type."""
     updates = {}
     for key, value in values.items():
@@ -314,7 +348,7 @@ def apply(config: TrainConfig, values: dict[str, Any], where: str) -> TrainConfi
             close = difflib.get_close_matches(name, FIELDS, n=1) if isinstance(name, str) else []
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise PeftgenError(f"{where}: unknown key {short(key, 60)}.{hint} Valid keys: {', '.join(FIELDS)}.")
-        updates[name] = _check_type(name, value, _HINTS[name], where)
+        updates[name] = _check_type(name, value, HINTS[name], where)
     return dataclasses.replace(config, **updates)
 
 
@@ -350,7 +384,7 @@ def yaml_problem(error: yaml.YAMLError) -> str:
     return (f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem)[:200]
 
 
-def resolve(yaml_path: str | Path | None = None, flags: dict[str, Any] | None = None) -> TrainConfig:
+def resolve(yaml_path: str | Path | None = None, flags: Mapping[str, Any] | None = None) -> TrainConfig:
     """Defaults, then the YAML file, then the flags that were given (None means not given)."""
     config = TrainConfig()
     if yaml_path is not None:
@@ -359,8 +393,44 @@ def resolve(yaml_path: str | Path | None = None, flags: dict[str, Any] | None = 
     return apply(config, given, "command line").validate()
 
 
-def save(config: TrainConfig, path: Path, extra: dict[str, Any] | None = None) -> None:
-    """Write the resolved config (plus run facts such as the new token ids) as YAML."""
-    data = config.to_dict()
-    data.update(extra or {})
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+def load(config: TrainConfig | str | Path | Mapping[str, Any]) -> TrainConfig:
+    """A checked TrainConfig from a TrainConfig, a YAML file or a mapping of settings (as a notebook passes them)."""
+    if isinstance(config, TrainConfig):
+        return config.validate()
+    if isinstance(config, (str, Path)):
+        return resolve(config)
+    return apply(TrainConfig(), config, "settings").validate()
+
+
+def save(config: TrainConfig, path: Path) -> None:
+    """Write the settings as a YAML file that ``peftgen train -c`` reads back as it is."""
+    header = (
+        "# The settings of a peftgen run, every one. Train it again with:\n"
+        f"#   peftgen train -c {path.name} --output-dir NEW_FOLDER\n"
+    )
+    path.write_text(header + yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def settings_table() -> str:
+    """docs/settings.md: one row per setting, from the fields above."""
+    lines = [
+        "# Training settings",
+        "",
+        "<!-- Generated from peftgen/config.py; regenerate with: python -m peftgen.config > docs/settings.md -->",
+        "",
+        "Every key of a `peftgen train -c` YAML file, and every flag of `peftgen train`",
+        "(`--key-with-dashes`, or the flag named in the help). Flags override the file,",
+        "the file overrides the defaults. A run folder's `peftgen.yaml` holds all of them.",
+        "",
+        "| key | type | default | help |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, f in FIELDS.items():
+        default = f.metadata.get("shown") or f"`{shown_default(name)}`"  # words as they are, values as code
+        cells = [f"`{name}`", type_name(HINTS[name]), default, f.metadata.get("help", "")]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_table(), end="")

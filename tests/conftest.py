@@ -90,7 +90,7 @@ def make_run(tmp_path_factory, text_files):
 
     make_run("lora", base_folder, max_steps=6) -> Path of a finished run.
     """
-    from peftgen import config as config_lib, train as train_lib
+    from peftgen import config as config_lib, training as train_lib
 
     done: dict[tuple, Path] = {}
 
@@ -101,10 +101,10 @@ def make_run(tmp_path_factory, text_files):
                 model=str(base), mode=mode, train_file=str(text_files["train"]),
                 valid_file=str(text_files["valid"]), output_dir=str(tmp_path_factory.mktemp(f"run-{mode}")),
                 max_steps=6, eval_steps=3, save_steps=3, logging_steps=1, batch_size=4,
-                lr=1e-2, lora_r=4, lora_alpha=8, lora_dropout=0.0, precision="fp32", overwrite=True,
+                lr=1e-2, lora_r=4, lora_alpha=8, lora_dropout=0.0, precision="fp32",
             )
             settings.update(overrides)
-            train_lib.train(config_lib.resolve(None, settings), progress=False)
+            train_lib.train(config_lib.resolve(None, settings), overwrite=True, progress=False)
             done[key] = Path(settings["output_dir"])
         return done[key]
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from peftgen import attention, batching, config as config_lib, train as train_lib
+from peftgen import attention, batching, config as config_lib, training as train_lib
 
 EXAMPLES = [[50257, 464, 1468, 1110, 50258], [50257, 318, 50258], [50257, 1332, 257, 2068, 3290, 318, 50258]]
 

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from peftgen.cli import app
@@ -69,3 +70,49 @@ def test_help_lists_the_commands_and_flags():
     assert result.exit_code == 0 and all(c in result.output for c in ("train", "eval", "merge"))
     result = invoke("train", "--help")
     assert result.exit_code == 0 and "--lora-alpha" in result.output and "--resume" in result.output
+
+
+def test_a_run_folder_trains_again_from_its_own_settings(tiny_gpt2, make_run, tmp_path):
+    """peftgen train -c RUN/peftgen.yaml --output-dir OTHER: the same run, the same losses."""
+    run = make_run("lora", tiny_gpt2)
+    again = tmp_path / "again"
+    result = invoke("train", "-c", run / "peftgen.yaml", "--output-dir", again)
+    assert result.exit_code == 0, result.output
+    first, second = (json.loads((folder / "metrics.json").read_text()) for folder in (run, again))
+    assert second["train_loss"] == pytest.approx(first["train_loss"], rel=1e-6)
+    assert second["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-6)
+    settings = [yaml.safe_load((folder / "peftgen.yaml").read_text()) for folder in (run, again)]
+    assert settings[1] == {**settings[0], "output_dir": str(again)}
+
+
+def test_every_setting_is_a_flag_with_its_help_and_default():
+    from typer.main import get_command
+
+    from peftgen import config as config_lib
+
+    options = {p.name: p for p in get_command(app).commands["train"].params}
+    assert set(options) == {*config_lib.FIELDS, "config", "resume", "overwrite"}
+    for name, field in config_lib.FIELDS.items():
+        assert options[name].help.startswith(field.metadata["help"]), name
+        assert f"[default: {config_lib.shown_default(name)}]" in options[name].help, name
+    assert "--sample-option" in options["sample_options"].opts
+    assert options["packing"].secondary_opts == ["--no-packing"]
+    assert options["lora_r"].help.endswith("[default: 8]")
+
+
+def test_flags_of_every_kind_reach_the_config(tiny_gpt2, tmp_path):
+    result = invoke("train", "--model", tiny_gpt2, "--train-file", tmp_path / "missing.txt", "--no-packing",
+                    "--gradient-checkpointing", "--target-modules", "c_attn,c_fc", "--sample-option", "k=5",
+                    "--sample-option", "temperature=0.5", "--weight-decay", "0.01", "--output-dir", tmp_path / "out")
+    assert result.exit_code == 1 and "Error: The training file" in result.stderr  # stops at the data, after resolving
+    for line in ("packing: false", "gradient_checkpointing: true", "- c_attn\n- c_fc", "k: '5'", "temperature: '0.5'",
+                 "weight_decay: 0.01"):
+        assert line in result.stdout, line
+    assert "resume" not in result.stdout and "overwrite" not in result.stdout
+
+
+def test_resume_and_overwrite_together_are_one_error_line(tiny_gpt2, text_files, tmp_path):
+    result = invoke("train", "--model", tiny_gpt2, "--train-file", text_files["train"], "--output-dir", tmp_path / "out",
+                    "--resume", "--overwrite")
+    assert result.exit_code == 1
+    assert result.stderr == "Error: --resume continues the run in the output folder; --overwrite deletes it. Pick one.\n"

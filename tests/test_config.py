@@ -12,7 +12,7 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 def test_the_shipped_configs_are_all_there():
     names = {path.name for path in CONFIGS}
-    assert {"full.yaml", "lora.yaml", "8bit.yaml", "gpt2-booksummaries.yaml"} <= names
+    assert {"full.yaml", "lora.yaml", "8bit.yaml", "gpt2-booksummaries.yaml", "demo.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -86,12 +86,51 @@ def test_target_modules_accepts_a_comma_list():
     assert cfg.target_modules == ["c_attn", "c_fc"]
 
 
-def test_saved_config_round_trips(tmp_path):
-    cfg = config_lib.resolve(None, {"train_file": "t", "mode": "full", "seed": 7})
-    config_lib.save(cfg, tmp_path / "peftgen.yaml", {"new_token_ids": [1, 2]})
-    data = config_lib.read_yaml(tmp_path / "peftgen.yaml")
-    again = config_lib.resolve(None, {k: v for k, v in data.items() if k in config_lib.FIELDS})
-    assert again == config_lib.resolve(None, {"train_file": "t", "mode": "full", "seed": 7, "lr": 5e-5})
+def test_saved_config_is_a_config_file_as_it_is(tmp_path):
+    cfg = config_lib.resolve(None, {"train_file": "t", "mode": "full", "seed": 7, "target_modules": "a,b",
+                                    "sample_options": {"k": 5}, "attention_dropout": None, "report_to": "none"})
+    config_lib.save(cfg, tmp_path / "peftgen.yaml")
+    assert config_lib.resolve(tmp_path / "peftgen.yaml") == config_lib.apply(cfg, {"lr": 5e-5}, "test")
+    assert set(config_lib.read_yaml(tmp_path / "peftgen.yaml")) == set(config_lib.FIELDS)
+
+
+def test_a_library_call_takes_a_config_a_yaml_file_or_a_mapping(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train_file: t.txt\nlora_r: 3\n")
+    expected = config_lib.resolve(path)
+    assert config_lib.load(path) == config_lib.load(str(path)) == expected
+    assert config_lib.load({"train_file": "t.txt", "lora_r": 3}) == config_lib.load(expected) == expected
+    with pytest.raises(PeftgenError, match="settings: unknown key 'lora_rank'. Did you mean 'lora_r'"):
+        config_lib.load({"train_file": "t.txt", "lora_rank": 3})
+    with pytest.raises(PeftgenError, match="No training data"):
+        config_lib.load(config_lib.TrainConfig())
+
+
+def test_resume_and_overwrite_are_not_settings():
+    assert "resume" not in config_lib.FIELDS and "overwrite" not in config_lib.FIELDS
+
+
+# One definition per setting ----------------------------------------------------------
+
+def test_every_setting_has_a_one_line_help():
+    for name, field in config_lib.FIELDS.items():
+        text = field.metadata.get("help", "")
+        assert text and "\n" not in text and text.endswith("."), name
+
+
+def test_docs_settings_md_is_generated_from_the_code():
+    """If this fails after a setting changed: python -m peftgen.config > docs/settings.md"""
+    docs = Path(__file__).parent.parent / "docs" / "settings.md"
+    assert docs.read_text(encoding="utf-8") == config_lib.settings_table()
+
+
+def test_the_settings_table_has_a_row_per_setting_with_type_and_default():
+    rows = [line for line in config_lib.settings_table().splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == list(config_lib.FIELDS)
+    assert "| `lora_r` | int | `8` | LoRA rank. |" in rows
+    assert "| `lr` | float or null | 5e-5 full, 2e-4 lora/8bit | Peak learning rate. |" in rows
+    assert "| `packing` | bool | `true` |" in next(row for row in rows if "`packing`" in row)
+    assert "| `target_modules` | list of str or null | per architecture |" in next(row for row in rows if "target_modules" in row)
 
 
 # Every value checked before a model loads -------------------------------------------

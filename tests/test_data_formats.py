@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from peftgen import corpus, data
-from peftgen import prepare as prepare_lib
+from peftgen import preparation as prepare_lib
 from peftgen.cli import app
 from peftgen.errors import PeftgenError
 

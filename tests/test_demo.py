@@ -23,16 +23,16 @@ def demo_run(tmp_path_factory):
     # The first 10 books of the real sample: 7 train, 2 valid, 1 test, cut into ~20 pieces each.
     rows = demo.SAMPLE.read_text(encoding="utf-8").splitlines()[:10]
     (folder / "sample.tsv").write_text("\n".join(rows), encoding="utf-8")
-    recipe = demo.Recipe(max_length=96, max_steps=12, batch_size=8, lr=3e-3, eval_steps=6, max_new_tokens=12,
-                         precision="fp32", sample_max_new_tokens=8, compare_samples=2)
+    overrides = dict(max_length=96, max_steps=12, batch_size=8, lr=3e-3, eval_steps=6, precision="fp32",
+                     sample_max_new_tokens=8)  # configs/demo.yaml's recipe, shrunk
     lines: list[str] = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small only loses time to thread handoffs, more so on busy CPUs
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("PEFTGEN_CACHE", str(folder / "cache"))  # the dequantised copy goes here, not ~/.cache
-            result = demo.run(str(gguf), folder / "out", data=folder / "sample.tsv", recipe=recipe,
-                              progress=False, echo=lines.append)
+            result = demo.run(str(gguf), folder / "out", data=folder / "sample.tsv", overrides=overrides,
+                              max_new_tokens=12, compare_samples=2, progress=False, echo=lines.append)
     finally:
         torch.set_num_threads(threads)
     return result, "\n".join(lines)
@@ -108,12 +108,47 @@ def test_missing_sample_is_a_clear_error(tmp_path):
         demo.run("unused", tmp_path, data=tmp_path / "nope.tsv", echo=lambda _: None)
 
 
+def test_the_run_uses_the_recipe_in_configs_with_the_overrides(demo_run):
+    import yaml
+
+    from peftgen import config as config_lib
+
+    result, _ = demo_run
+    saved = config_lib.read_yaml(result.output_dir / "lora" / "peftgen.yaml")
+    recipe = yaml.safe_load(demo.RECIPE.read_text())
+    for key in ("lora_r", "lora_alpha", "warmup_steps", "gradient_checkpointing", "sample_every", "seed", "save_steps"):
+        assert saved[key] == recipe[key], key
+    assert (saved["max_steps"], saved["max_length"], saved["lr"]) == (12, 96, 3e-3)
+    assert saved["train_file"] == str(result.output_dir / "data" / "train.txt")
+    assert "Recipe: `" + str(demo.RECIPE) in (result.output_dir / "results.md").read_text(encoding="utf-8")
+
+
+def test_a_bad_override_fails_before_anything_is_fetched(tmp_path):
+    from peftgen.errors import PeftgenError
+
+    with pytest.raises(PeftgenError, match="lora_r must be at least 1, got 0"):
+        demo.run(None, tmp_path, overrides={"lora_r": 0}, echo=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_command_line_help_and_a_clear_error(tmp_path):
     from typer.testing import CliRunner
 
+    from peftgen.cli import app
+
     runner = CliRunner()
-    helped = runner.invoke(demo.app, ["--help"])
+    helped = runner.invoke(app, ["demo", "--help"])
     assert helped.exit_code == 0 and "--output-dir" in helped.output and "--max-steps" in helped.output
-    failed = runner.invoke(demo.app, ["--model", str(tmp_path / "missing.gguf"), "--output-dir", str(tmp_path / "out")])
+    failed = runner.invoke(app, ["demo", "--model", str(tmp_path / "missing.gguf"), "--output-dir", str(tmp_path / "out")])
     assert failed.exit_code == 1
-    assert f"Error: Model not found: {tmp_path / 'missing.gguf'} does not exist." in failed.output
+    assert failed.stderr == f"Error: Model not found: {tmp_path / 'missing.gguf'} does not exist. Check the path.\n"
+
+
+def test_python_m_peftgen_demo_is_the_demo_command(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "peftgen.demo", "--model", str(tmp_path / "missing.gguf"),
+                           "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and done.stdout.startswith("[1/8] Model")
+    assert done.stderr.endswith(f"Error: Model not found: {tmp_path / 'missing.gguf'} does not exist. Check the path.\n")

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peftgen import data, evaluate as evaluate_lib, model as model_lib
+from peftgen import data, evaluation as evaluate_lib, model as model_lib
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_loss_is_token_weighted_and_independent_of_batching(loaded, text_files, 
     model, tokenizer = loaded
     sums = per_example_sums(model, tokenizer, text_files["train"])
     expected = sum(s for s, _ in sums) / sum(n for _, n in sums)
-    result = evaluate_lib.evaluate(model, tokenizer, text_files["train"], batch_size=batch_size, progress=False)
+    result = evaluate_lib.evaluate(model, text_files["train"], tokenizer=tokenizer, batch_size=batch_size, progress=False)
     assert result.tokens == sum(n for _, n in sums)
     assert result.loss == pytest.approx(expected, rel=1e-5)
     assert result.perplexity == pytest.approx(math.exp(expected), rel=1e-5)

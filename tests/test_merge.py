@@ -6,7 +6,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from peftgen import merge as merge_lib, model as model_lib
+from peftgen import merging as merge_lib, model as model_lib, run_files
 from peftgen.errors import PeftgenError
 
 IDS = torch.tensor([[50257, 464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 50258]])
@@ -82,7 +82,7 @@ def test_merge_refuses_an_output_that_is_contains_or_lies_in_the_run_or_its_base
     with pytest.raises(PeftgenError, match=f"--output .* {message}"):
         merge_lib.merge(run, output, overwrite=True)
     assert (sorted(p.name for p in run.iterdir()), sorted(p.name for p in base.iterdir())) == before
-    assert model_lib.is_run(run) and not (run / "merged").exists() and not (base / "merged").exists()
+    assert run_files.is_run(run) and not (run / "merged").exists() and not (base / "merged").exists()
 
 
 def test_merge_refuses_an_output_under_a_file_before_loading(tiny_gpt2, make_run, tmp_path):
@@ -120,4 +120,4 @@ def test_the_merge_command_refuses_the_runs_parent_as_one_error_line(tiny_gpt2, 
         f"Error: --output {run.parent} contains the run folder ({run}); replacing it would delete that. "
         "Choose another --output.\n"
     )
-    assert model_lib.is_run(run)
+    assert run_files.is_run(run)

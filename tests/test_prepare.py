@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from peftgen import prepare as p
+from peftgen import preparation as p
 from peftgen.errors import PeftgenError
 
 SAMPLE = Path(__file__).parent.parent / "data" / "cmu-booksummaries-sample.tsv"

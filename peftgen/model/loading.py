@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from peftgen.errors import PeftgenError, first_line
-from peftgen.model.run_folders import read_json_object, read_run_config, run_folder
 from peftgen.model.sources import require_gguf, resolve_source
 from peftgen.model.tokens import add_special_tokens, set_token_ids
+from peftgen.run_files import read_json_object, read_run_config, run_folder
 
 MIN_BITSANDBYTES = (0, 47)
 

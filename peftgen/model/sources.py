@@ -19,7 +19,7 @@ import torch
 
 from peftgen.cache import cache_dir
 from peftgen.errors import PeftgenError, first_line
-from peftgen.model.run_folders import read_json_object
+from peftgen.run_files import read_json_object
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -1,6 +1,7 @@
 """Turn raw text into the ``train.txt`` / ``valid.txt`` / ``test.txt`` that ``peftgen train`` reads.
 
     peftgen prepare booksummaries.txt --output-dir data/books --seed 0
+    result = peftgen.prepare("booksummaries.txt", "data/books", seed=0)   # from Python
 
 Input is the CMU Book Summary Dataset's ``booksummaries.txt`` (7 tab-separated
 columns, the plot summary last), a plain text file (one example per line) or
@@ -51,8 +52,8 @@ from pathlib import Path
 from peftgen import data
 from peftgen.config import short
 from peftgen.errors import PeftgenError
+from peftgen.markers import BOS, EOS, PAD
 
-BOS, EOS, PAD = "<BOS>", "<EOS>", "<PAD>"
 FORMATS = ("cmu", "text", "jsonl")
 OUTPUT_FORMATS = ("txt", "jsonl", "parquet")
 PARQUET_ROWS = 10_000  # rows per parquet row group: memory stays flat however large the split
@@ -392,20 +393,12 @@ class SplitWriter:
 # The job -------------------------------------------------------------------
 
 def _load_tokenizer(tokenizer):
+    """A tokenizer object as it is; a model folder, run, .gguf file or Hub id: its tokenizer."""
     if tokenizer is None or not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
-    from transformers import AutoTokenizer
+    from peftgen.model import tokenizer_of
 
-    path = Path(tokenizer)
-    try:
-        if path.suffix == ".gguf":
-            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        return AutoTokenizer.from_pretrained(str(tokenizer))
-    except (OSError, ValueError) as e:
-        raise PeftgenError(
-            f"Cannot load tokenizer {str(tokenizer)!r}: {e}. Give a local model folder, a .gguf file, "
-            "or a Hugging Face model id on a machine that can reach the Hub."
-        ) from None
+    return tokenizer_of(tokenizer)
 
 
 def prepare(

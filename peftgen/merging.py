@@ -1,4 +1,6 @@
-"""Merge a LoRA or 8-bit run into a plain Hugging Face model folder: ``peftgen merge RUN --output DIR``.
+"""Merge a LoRA or 8-bit run into a plain Hugging Face model folder: ``peftgen merge RUN --output DIR``, or::
+
+    peftgen.merge("runs/lora", "models/merged")
 
 The folder loads with ``AutoModelForCausalLM.from_pretrained(DIR)``, no peft
 needed, and its logits match the unmerged run's.
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from peftgen import data, model as model_lib
+from peftgen import data, model as model_lib, run_files
 from peftgen.errors import PeftgenError
 
 
@@ -44,9 +46,9 @@ def _restore_conv1d(model) -> None:
 def merge(run: str | Path, output: str | Path, overwrite: bool = False) -> Path:
     """Write run's base model with its adapter merged in, plus the tokenizer, to output."""
     run, output = Path(run), Path(output)
-    if not model_lib.is_run(run):
-        raise PeftgenError(f"{run} is not a peftgen run folder (no {model_lib.RUN_CONFIG}). Pass the --output-dir of 'peftgen train'.")
-    settings = model_lib.read_run_config(run)
+    if not run_files.is_run(run):
+        raise PeftgenError(f"{run} is not a peftgen run folder (no {run_files.RUN_CONFIG}). Pass the --output-dir of 'peftgen train'.")
+    settings = run_files.read_run_config(run)
     if settings["mode"] == "full":
         raise PeftgenError(f"{run} is a full fine-tuning run: it already is a plain model folder, load it directly.")
     _refuse_overlap(output, run, "the run folder")

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from peftgen.cli.generating import PluginFlag, _decoders
+from peftgen.cli.plugins import PluginFlag, load_decoders
 
 Opt = typer.Option
 
@@ -33,7 +33,7 @@ def compare(
     from peftgen import compare as compare_lib
     from peftgen.generation import parse_pairs
 
-    available = _decoders(plugin)  # plugin warnings go to stderr here
+    available = load_decoders(plugin)  # plugin warnings go to stderr here
     names = compare_lib.select_decoders(decoders, available)
     options = compare_lib.decoder_options(parse_pairs(option), names)
     rows = compare_lib.compare(

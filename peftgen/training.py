@@ -1,15 +1,19 @@
-"""Fine-tuning on transformers.Trainer: ``peftgen train -c configs/lora.yaml``.
+"""Fine-tuning on transformers.Trainer: ``peftgen train -c configs/lora.yaml``, or from Python::
+
+    result = peftgen.train("configs/lora.yaml")           # or a TrainConfig, or a dict of settings
 
 Trainer (through accelerate) owns the loop, mixed precision, checkpoints and
 distribution, so ``accelerate launch -m peftgen train ...`` or ``torchrun -m
 peftgen train ...`` run data-parallel, FSDP or DeepSpeed; the main process
-alone reads the data and keeps the run folder (``peftgen.runs``). peftgen adds what the article's script did by hand: the special tokens, the
+alone reads the data and keeps the run folder (``peftgen.runs``). peftgen
+adds what the article's script did by hand: the special tokens, the
 line-by-line data, perplexity next to every eval loss, a run folder that
 reproduces itself, and a PNG of the loss curves.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
@@ -17,12 +21,13 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import rotate_checkpoints
 
-from peftgen import attention, batching, config as config_lib, corpus, data, efficiency, model as model_lib, plot, precision as precision_lib, runs
+from peftgen import attention, batching, config as config_lib, corpus, data, efficiency, model as model_lib, plot, precision as precision_lib, run_files, runs
 from peftgen.fused_loss import FusedHeadLoss
 from peftgen.errors import PeftgenError
 
@@ -213,16 +218,30 @@ def training_arguments(config: config_lib.TrainConfig, output: Path, precision: 
     )
 
 
-def train(config: config_lib.TrainConfig, progress: bool = True) -> TrainResult:
-    """Run one fine-tuning job as configured; returns where it went and how it did."""
-    config.validate()
+def train(
+    config: config_lib.TrainConfig | str | Path | Mapping[str, Any],
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Run one fine-tuning job; returns where it went and how it did.
+
+    config: a TrainConfig, a YAML file of settings or a dict of them.
+    resume: continue from the newest complete checkpoint in its output_dir.
+    overwrite: replace a run already in output_dir (only once the new one has a checkpoint).
+    progress: progress bars on stderr.
+    """
+    config = config_lib.load(config)
+    if resume and overwrite:
+        raise PeftgenError("--resume continues the run in the output folder; --overwrite deletes it. Pick one.")
     if Path(config.model).expanduser().exists():  # the run folder must find its base from anywhere
         config = dataclasses.replace(config, model=str(Path(config.model).expanduser().resolve()))
     precision = precision_lib.resolve(config.precision)
     processes = runs.Processes(cpu=not torch.cuda.is_available())
     # Check the data and the output folder before loading a model: a bad file
     # or a refused folder fails in a second and changes nothing on disk.
-    run = processes.on_main(_check_inputs, config)
+    run = processes.on_main(_check_inputs, config, resume, overwrite)
     set_seed(config.seed)
     model, tokenizer, new_ids = model_lib.prepare_for_training(config, precision)
     efficiency.own_weights(model)  # lets the mapped weights file go
@@ -247,6 +266,8 @@ def train(config: config_lib.TrainConfig, progress: bool = True) -> TrainResult:
         "train_examples": len(train_set),
         "valid_examples": len(valid_set) if valid_set else 0,
         "trainable_params": trainable,
+        "total_params": total,
+        "versions": _versions(),
     }
     packing, per_example, loss = speed_settings(config, model, tokenizer, precision)
     try:
@@ -283,11 +304,11 @@ def train(config: config_lib.TrainConfig, progress: bool = True) -> TrainResult:
     return TrainResult(run.final, metrics, trainable, total, precision, curve, history, processes.main)
 
 
-def _check_inputs(config: config_lib.TrainConfig) -> runs.RunFolder:
+def _check_inputs(config: config_lib.TrainConfig, resume: bool, overwrite: bool) -> runs.RunFolder:
     """Refuse unusable data files and an output folder that must not be touched (main process)."""
     _sources(config)
     data.check_writable_folder(config.output_dir, "--output-dir")
-    return runs.plan(config)
+    return runs.plan(config.output_dir, resume=resume, overwrite=overwrite)
 
 
 def _sources(config: config_lib.TrainConfig) -> tuple[corpus.Source, corpus.Source | None]:
@@ -303,10 +324,23 @@ def _examples(config: config_lib.TrainConfig, tokenizer) -> tuple[corpus.Tokeniz
 
 
 def _start_run(run: runs.RunFolder, config: config_lib.TrainConfig, facts: dict) -> None:
+    """The run's facts, then its settings, each whole or absent: peftgen.yaml, which marks a run, comes last."""
     runs.create(run)
-    partial = run.work / f".{model_lib.RUN_CONFIG}.partial"
-    config_lib.save(config, partial, facts)
-    os.replace(partial, run.work / model_lib.RUN_CONFIG)
+    runs.write_text(run.work / run_files.RUN_FACTS, json.dumps(facts, indent=2))
+    partial = run.work / f".{run_files.RUN_CONFIG}.partial"
+    config_lib.save(config, partial)
+    os.replace(partial, run.work / run_files.RUN_CONFIG)
+
+
+def _versions() -> dict[str, str]:
+    """The versions of the libraries a run's numbers depend on (those installed)."""
+    found = {}
+    for name in ("peftgen", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
 
 
 def _save_run(trainer: PeftgenTrainer, processes: runs.Processes, run: runs.RunFolder, metrics: dict, title: str) -> Path | None:

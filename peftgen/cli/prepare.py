@@ -6,8 +6,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from peftgen import prepare as preparing
-
 
 def prepare(
     input_file: Annotated[Path, typer.Argument(
@@ -31,8 +29,10 @@ def prepare(
     overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
 ) -> None:
     """Split a dataset into <BOS> text <EOS> lines for training, validation and test."""
-    result = preparing.prepare(
+    from peftgen import preparation
+
+    result = preparation.prepare(
         input_file, output_dir, format=format, text_field=text_field, split=split, seed=seed,
         overwrite=overwrite, tokenizer=tokenizer, max_tokens=max_tokens, long=long, output_format=output_format,
     )
-    typer.echo(preparing.report(result))
+    typer.echo(preparation.report(result))

@@ -72,13 +72,17 @@ def test_a_gguf_file_loads_through_transformers_and_is_cached(tmp_path, monkeypa
     assert torch.equal(logits(again, ids), logits(model, ids))
 
 
-def test_tokenizer_of_reads_any_source_without_its_weights(tiny_gpt2, make_run, tmp_path):
+def test_tokenizer_of_reads_any_source_without_its_weights(tiny_gpt2, gpt2_tokenizer_dir, make_run, tmp_path):
     assert len(model_lib.tokenizer_of(tiny_gpt2)) == 50257
+    assert len(model_lib.tokenizer_of(gpt2_tokenizer_dir)) == 50257  # tokenizer files alone, no config.json
     run = make_run("lora", tiny_gpt2)
     for folder in (run, run / "checkpoint-3"):  # a run's own tokenizer, markers included
         assert model_lib.tokenizer_of(folder).eos_token == "<EOS>"
     with pytest.raises(PeftgenError, match=r"Model not found: .*nowhere does not exist"):
         model_lib.tokenizer_of(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PeftgenError, match=r"(tokenizer of .*empty|empty has no tokenizer).*copy them from the model"):
+        model_lib.tokenizer_of(tmp_path / "empty")
 
 
 def test_tokenizer_of_a_gguf_file_reads_the_file_and_dequantises_nothing(tmp_path, monkeypatch):

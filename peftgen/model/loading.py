@@ -77,13 +77,13 @@ def load_tokenizer(location: str | Path, source: str | Path, **kwargs):
 def tokenizer_of(source: str | Path):
     """The tokenizer of any source ``load`` accepts, without loading the model's weights.
 
-    A run folder or one of its checkpoints: the tokenizer saved there (with
-    the run's marker tokens). A .gguf file: the tokenizer stored in the file,
-    read directly; the model is not dequantised for it. A model folder or a
-    Hub id: as ``load_pretrained`` would find it.
+    A folder (a model, a run or one of its checkpoints, or tokenizer files
+    alone): the tokenizer saved there, a run's with its marker tokens. A .gguf
+    file: the tokenizer stored in the file, read directly; the model is not
+    dequantised for it. A Hub id: as ``load_pretrained`` would find it.
     """
     path = Path(str(source)).expanduser()
-    if path.is_dir() and run_folder(path) is not None:
+    if path.is_dir():
         return load_tokenizer(path, source)
     if path.is_file() and path.suffix == ".gguf":
         require_gguf(path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import reprlib
@@ -58,17 +59,25 @@ def short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def setting(default: Any = None, help: str = "", *, factory=None, shown: str | None = None, flag: str | None = None):
+GROUPS = ("Settings", "Speed and memory", "Samples during training")  # as help and docs list the settings
+
+
+def setting(default: Any = None, help: str = "", *, factory=None, shown: str | None = None, flag: str | None = None,
+            group: str = GROUPS[0]):
     """A TrainConfig field with its one-line help.
 
     shown: the default as help and docs show it, where the value alone does not
     say it (None meaning "chosen per mode"); flag: the option's name where it is
     not the key's (``--sample-option``, given once per key=value).
     """
-    metadata = {"help": help, "shown": shown, "flag": flag}
+    metadata = {"help": help, "shown": shown, "flag": flag, "group": group}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+speed_setting = functools.partial(setting, group=GROUPS[1])
+sample_setting = functools.partial(setting, group=GROUPS[2])
 
 
 @dataclass
@@ -103,30 +112,30 @@ class TrainConfig:
     bos_token: str = setting(markers.BOS, "Marker added before every example.")
     eos_token: str = setting(markers.EOS, "Marker added after every example; generation stops at it.")
     pad_token: str = setting(markers.PAD, "Padding marker.")
-    gradient_checkpointing: Optional[bool] = setting(
-        None, "Recompute activations in the backward pass instead of keeping them.", shown="on for lora/8bit, off for full")
-    # Speed and memory techniques (benchmarks/README.md measures each one):
-    packing: bool = setting(True, "Padding-free batches: examples end to end in one row, attention kept within each.")
-    attention_per_example: bool = setting(True, "Packed batches: causal attention per example, not one masked (N, N) matrix.")
-    fused_loss: Optional[bool] = setting(
-        None, "Output layer and cross-entropy in chunks, without the full logits.", shown="on for lora/8bit, off for full")
-    optim: str = setting("adamw_torch_fused", "Optimizer: any name transformers' TrainingArguments takes.")
-    attention_dropout: Optional[float] = setting(
-        0.0, "Attention dropout; null (YAML) keeps the model's own (GPT-2: 0.1, which forces unfused attention).")
-    frozen_bf16: bool = setting(True, "lora/8bit under bf16: frozen weights stored in bf16 (what autocast would cast them to).")
-    fused_activations: bool = setting(True, "GPT-2's gelu_new as one kernel (gelu_pytorch_tanh): less memory, same function.")
-    fast_token_rows: bool = setting(True, "lora/8bit: new-token rows applied directly, not via a copy of the whole matrix.")
     report_to: list[str] = setting(
         help="Trackers for Trainer, e.g. tensorboard,wandb (comma-separated on the command line).", factory=list, shown="none")
+    # Speed and memory techniques (benchmarks/README.md measures each one):
+    gradient_checkpointing: Optional[bool] = speed_setting(
+        None, "Recompute activations in the backward pass instead of keeping them.", shown="on for lora/8bit, off for full")
+    packing: bool = speed_setting(True, "Padding-free batches: examples end to end in one row, attention kept within each.")
+    attention_per_example: bool = speed_setting(True, "Packed batches: causal attention per example, not one masked (N, N) matrix.")
+    fused_loss: Optional[bool] = speed_setting(
+        None, "Output layer and cross-entropy in chunks, without the full logits.", shown="on for lora/8bit, off for full")
+    optim: str = speed_setting("adamw_torch_fused", "Optimizer: any name transformers' TrainingArguments takes.")
+    attention_dropout: Optional[float] = speed_setting(
+        0.0, "Attention dropout; null (YAML) keeps the model's own (GPT-2: 0.1, which forces unfused attention).")
+    frozen_bf16: bool = speed_setting(True, "lora/8bit under bf16: frozen weights stored in bf16 (what autocast would cast them to).")
+    fused_activations: bool = speed_setting(True, "GPT-2's gelu_new as one kernel (gelu_pytorch_tanh): less memory, same function.")
+    fast_token_rows: bool = speed_setting(True, "lora/8bit: new-token rows applied directly, not via a copy of the whole matrix.")
     # Samples during training (peftgen.sampling):
-    sample_every: int = setting(0, "Generate samples at every Nth evaluation (samples.jsonl, <EOS> rate in loss.png); 0: never.")
-    sample_decoder: str = setting("topk", "Decoder of those samples; 'peftgen decoders' lists them.")
-    sample_options: dict = setting(
+    sample_every: int = sample_setting(0, "Generate samples at every Nth evaluation (samples.jsonl, <EOS> rate in loss.png); 0: never.")
+    sample_decoder: str = sample_setting("topk", "Decoder of those samples; 'peftgen decoders' lists them.")
+    sample_options: dict = sample_setting(
         help="Options of sample_decoder, e.g. {k: 50}; on the command line --sample-option k=50, repeatable.",
         factory=dict, shown="the decoder's own", flag="--sample-option")
-    sample_count: int = setting(2, "Samples per round.")
-    sample_max_new_tokens: int = setting(64, "Most tokens per sample.")
-    sample_prompt: Optional[str] = setting(None, "Text the samples continue.", shown="the bos_token")
+    sample_count: int = sample_setting(2, "Samples per round.")
+    sample_max_new_tokens: int = sample_setting(64, "Most tokens per sample.")
+    sample_prompt: Optional[str] = sample_setting(None, "Text the samples continue.", shown="the bos_token")
 
     @property
     def fuses_loss(self) -> bool:
@@ -421,14 +430,15 @@ def settings_table() -> str:
         "Every key of a `peftgen train -c` YAML file, and every flag of `peftgen train`",
         "(`--key-with-dashes`, or the flag named in the help). Flags override the file,",
         "the file overrides the defaults. A run folder's `peftgen.yaml` holds all of them.",
-        "",
-        "| key | type | default | help |",
-        "| --- | --- | --- | --- |",
     ]
-    for name, f in FIELDS.items():
-        default = f.metadata.get("shown") or f"`{shown_default(name)}`"  # words as they are, values as code
-        cells = [f"`{name}`", type_name(HINTS[name]), default, f.metadata.get("help", "")]
-        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    for group in GROUPS:
+        lines += ["", f"## {group}", "", "| key | type | default | help |", "| --- | --- | --- | --- |"]
+        for name, f in FIELDS.items():
+            if f.metadata.get("group", GROUPS[0]) != group:
+                continue
+            default = f.metadata.get("shown") or f"`{shown_default(name)}`"  # words as they are, values as code
+            cells = [f"`{name}`", type_name(HINTS[name]), default, f.metadata.get("help", "")]
+            lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -94,15 +94,15 @@ def test_every_setting_is_a_flag_with_its_help_and_default():
     assert set(options) == {*config_lib.FIELDS, "config", "resume", "overwrite"}
     for name, field in config_lib.FIELDS.items():
         assert options[name].help.startswith(field.metadata["help"]), name
-        assert f"[default: {config_lib.shown_default(name)}]" in options[name].help, name
+        default = config_lib.shown_default(name)
+        assert ("[required]" if default == "required" else f"[default: {default}]") in options[name].help, name
     assert "--sample-option" in options["sample_options"].opts
-    assert options["packing"].secondary_opts == ["--no-packing"]
-    assert options["lora_r"].help.endswith("[default: 8]")
+    assert options["lora_r"].help.endswith("[default: 8]") and options["train_file"].help.endswith("[required]")
 
 
 def test_flags_of_every_kind_reach_the_config(tiny_gpt2, tmp_path):
-    result = invoke("train", "--model", tiny_gpt2, "--train-file", tmp_path / "missing.txt", "--no-packing",
-                    "--gradient-checkpointing", "--target-modules", "c_attn,c_fc", "--sample-option", "k=5",
+    result = invoke("train", "--model", tiny_gpt2, "--train-file", tmp_path / "missing.txt", "--packing", "false",
+                    "--gradient-checkpointing", "yes", "--target-modules", "c_attn,c_fc", "--sample-option", "k=5",
                     "--sample-option", "temperature=0.5", "--weight-decay", "0.01", "--output-dir", tmp_path / "out")
     assert result.exit_code == 1 and "Error: The training file" in result.stderr  # stops at the data, after resolving
     for line in ("packing: false", "gradient_checkpointing: true", "- c_attn\n- c_fc", "k: '5'", "temperature: '0.5'",
@@ -116,3 +116,9 @@ def test_resume_and_overwrite_together_are_one_error_line(tiny_gpt2, text_files,
                     "--resume", "--overwrite")
     assert result.exit_code == 1
     assert result.stderr == "Error: --resume continues the run in the output folder; --overwrite deletes it. Pick one.\n"
+
+
+def test_a_boolean_setting_takes_a_word_and_refuses_others():
+    result = invoke("train", "--packing", "maybe")
+    assert result.exit_code == 1
+    assert result.stderr == "Error: Invalid value for '--packing': expected a bool (true/false), got 'maybe'. See 'peftgen train --help'.\n"

@@ -3,9 +3,9 @@
     peftgen train -c configs/lora.yaml --lr 1e-4 --max-steps 100
     peftgen train -c runs/lora/peftgen.yaml --output-dir runs/lora-again   # a run, again
 
-Every setting is a flag (``lora_r`` is ``--lora-r``; booleans ``--packing`` /
-``--no-packing``), with the help and default of its field. A flag left out is
-None, "not given": the YAML file's value, else the default, stays.
+Every setting is a flag (``lora_r`` is ``--lora-r``, ``packing: false`` is
+``--packing false``), with the help and default of its field. A flag left out
+is None, "not given": the YAML file's value, else the default, stays.
 """
 from __future__ import annotations
 
@@ -20,23 +20,36 @@ import yaml
 from rich.markup import escape
 
 from peftgen import config as config_lib
+from peftgen.generation.options import convert
 
-# What the command line takes for each kind of field; lists come as one
-# comma-separated word (config_lib splits them), mappings as repeated key=value.
-_FLAG_TYPES = {str: str, int: int, float: float, bool: bool, list: str, dict: list[str]}
+# What the command line takes for each kind of field: booleans as a word
+# (--packing false, as in the YAML), lists as one comma-separated word
+# (config_lib splits them), mappings as repeated key=value.
+_FLAG_TYPES = {str: str, int: int, float: float, bool: str, list: str, dict: list[str]}
+
+
+def _boolean(text: str) -> bool:
+    """true/false, yes/no, on/off or 1/0, read by the converter of decoder options."""
+    try:
+        return convert(text, bool)
+    except ValueError as error:
+        raise typer.BadParameter(f"{error}, got {text!r}") from None
 
 
 def _flag(field: dataclasses.Field) -> inspect.Parameter:
     """The option of one setting: Optional[its type], default None (not given)."""
     hint = config_lib.HINTS[field.name]
     plain = next((a for a in typing.get_args(hint) if a is not type(None)), hint)  # Optional[X] -> X
-    kind = _FLAG_TYPES[typing.get_origin(plain) or plain]
-    name = field.metadata.get("flag") or "--" + field.name.replace("_", "-")
-    declaration = f"{name}/--no-{name[2:]}" if kind is bool else name
-    text = f"{field.metadata.get('help', '')} [default: {config_lib.shown_default(field.name)}]"
-    option = typer.Option(declaration, help=escape(text), show_default=False)
+    kind = typing.get_origin(plain) or plain
+    default = config_lib.shown_default(field.name)
+    text = f"{field.metadata.get('help', '')} " + ("[required]" if default == "required" else f"[default: {default}]")
+    option = typer.Option(
+        field.metadata.get("flag") or "--" + field.name.replace("_", "-"), help=escape(text), show_default=False,
+        rich_help_panel=field.metadata.get("group"),
+        **({"parser": _boolean, "metavar": "true|false"} if kind is bool else {}),
+    )
     return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                             annotation=Annotated[Optional[kind], option])
+                             annotation=Annotated[Optional[_FLAG_TYPES[kind]], option])
 
 
 def train(

@@ -20,8 +20,9 @@ def test_train_then_eval_then_merge(tiny_gpt2, text_files, tmp_path):
                     text_files["valid"], "--output-dir", run, "--max-steps", 2, "--eval-steps", 2,
                     "--batch-size", 4, "--precision", "fp32", "--lr", 1e-3)
     assert result.exit_code == 0, result.output
-    assert "resolved config" in result.output and "lr: 0.001" in result.output
-    assert "Validation loss:" in result.output and (run / "loss.png").is_file()
+    assert "resolved config" in result.stdout and "lr: 0.001" in result.stdout
+    assert "Validation loss:" in result.stdout and (run / "loss.png").is_file()
+    assert "'eval_loss'" in result.stderr and "'eval_loss'" not in result.stdout  # Trainer's log lines are progress
 
     result = invoke("eval", "--model", run, "--file", text_files["test"], "--json")
     assert result.exit_code == 0, result.output

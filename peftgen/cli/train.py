@@ -9,8 +9,10 @@ is None, "not given": the YAML file's value, else the default, stays.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+import sys
 import typing
 from pathlib import Path
 from typing import Annotated, Optional
@@ -67,7 +69,8 @@ def train(
     if main_process():  # under torchrun every process runs this command; one of them reports
         typer.echo("peftgen train, resolved config:")
         typer.echo(yaml.safe_dump(settings.to_dict(), sort_keys=False).rstrip())
-    result = training.train(settings, resume=resume, overwrite=overwrite)
+    with contextlib.redirect_stdout(sys.stderr):  # Trainer's log lines and the samples are progress
+        result = training.train(settings, resume=resume, overwrite=overwrite)
     if not result.main_process:
         return
     typer.echo("")

@@ -1,8 +1,8 @@
 """Run folders that never lose what was there, and checkpoints a kill cannot spoil.
 
-    run = plan(output_dir, overwrite=True)   # refusals first: nothing on disk changes
-    create(run)            # after the model loaded and the trainer was built
-    publish(run)           # at the first complete checkpoint, or at the end
+    run = plan(output_dir, resume=..., overwrite=...)   # refusals first: nothing on disk changes
+    create(run)                                         # after the model loaded and the trainer was built
+    publish(run)                                        # at the first complete checkpoint, or at the end
 
 A new run goes into its folder directly when the folder is new or empty. With
 ``--overwrite`` it is written beside the old run, in ``.NAME.partial-PID``,

@@ -5,7 +5,7 @@
 """
 import torch
 
-from peftgen import SequenceDecoder, hookimpl
+from peftgen import Completion, DecodingEngine, SequenceDecoder, hookimpl
 
 
 class DiverseBeam(SequenceDecoder):
@@ -23,11 +23,11 @@ class DiverseBeam(SequenceDecoder):
             raise ValueError(f"diversity_penalty must be >= 0, got {diversity_penalty}")
         self.num_beams, self.num_groups, self.diversity_penalty = num_beams, num_groups, diversity_penalty
 
-    def validate(self, num_return_sequences):
+    def validate(self, num_return_sequences: int) -> None:
         if num_return_sequences > self.num_beams:
             raise ValueError(f"num_return_sequences ({num_return_sequences}) is more than num_beams ({self.num_beams})")
 
-    def decode(self, engine, num_return_sequences):
+    def decode(self, engine: DecodingEngine, num_return_sequences: int) -> list[list[Completion]]:
         B, K, G, new = engine.batch_size, self.num_beams, self.num_groups, engine.max_new_tokens
         k = K // G  # beams per group: prompt b's cache rows are b*K + g*k + i
         logits = engine.start(expand=K)  # (B*K, V)

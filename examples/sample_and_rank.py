@@ -5,7 +5,7 @@
 """
 import torch
 
-from peftgen import SequenceDecoder, hookimpl
+from peftgen import Completion, DecodingEngine, SequenceDecoder, hookimpl
 
 
 class SampleAndRank(SequenceDecoder):
@@ -13,7 +13,7 @@ class SampleAndRank(SequenceDecoder):
 
     name = "sample-and-rank"
 
-    def decode(self, engine, num_return_sequences):
+    def decode(self, engine: DecodingEngine, num_return_sequences: int) -> list[list[Completion]]:
         n = num_return_sequences
         logits = engine.start(expand=n)  # (B*n, V)
         live = torch.arange(logits.shape[0], device=engine.device)  # original row of each live row

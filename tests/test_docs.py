@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import typer
+import yaml
 from typer.testing import CliRunner
 
 from peftgen.cli import app
@@ -47,9 +48,12 @@ def python_block(name: str, containing: str) -> str:
 # Python blocks that are not a copy of a file are run by a test below, which finds its block by
 # the same (doc, text in the block) as this list does.
 RUN_HERE = {
-    ("docs/writing-plugins.md", 'model.load("runs/lora")'): "test_the_plugin_guides_from_python_example_runs",
+    ("README.md", "peftgen.prepare("): "test_the_three_commands_print_what_the_readme_shows",
+    ("docs/writing-plugins.md", 'get_decoder("topk")'): "test_the_plugin_guides_from_python_example_runs",
+    ("docs/generation.md", "peftgen.generate_text("): "test_the_generate_text_example_runs",
     ("docs/comparing-decoders.md", "from peftgen.compare import compare"): "test_the_compare_example_runs",
-    ("docs/training.md", 'load("runs/lora")'): "test_the_loading_example_runs",
+    ("docs/training.md", 'peftgen.load("runs/lora")'): "test_the_loading_example_runs",
+    ("docs/training.md", 'peftgen.train("configs/lora.yaml")'): "test_the_library_example_trains_evaluates_and_merges",
 }
 SHOWN_FILES = [*sorted(EXAMPLES.glob("*.py")), *sorted((ROOT / "peftgen" / "decoders").glob("*.py"))]
 
@@ -158,7 +162,7 @@ def check_parses(args: list[str], whole: bool) -> None:
         if hasattr(command, "commands"):
             context = command.context_class(command, info_name=command.name, parent=context)
     assert not hasattr(command, "commands"), f"no such command: peftgen {' '.join(args)}"
-    flags = {option for param in command.params for option in param.opts + param.secondary_opts}
+    flags = {"--help", *(option for param in command.params for option in param.opts + param.secondary_opts)}
     for arg in args:
         flag = arg.split("=", 1)[0]
         assert not arg.startswith("-") or flag in flags, f"{command.name} has no option {flag}; it has {sorted(flags)}"
@@ -305,10 +309,32 @@ def run_block(name: str, containing: str, replace: dict[str, str]) -> list[str]:
 
 def test_the_plugin_guides_from_python_example_runs(make_run, tiny_gpt2):
     run = make_run("lora", tiny_gpt2)
-    lines = run_block("docs/writing-plugins.md", 'model.load("runs/lora")',
+    lines = run_block("docs/writing-plugins.md", 'get_decoder("topk")',
                       {'"runs/lora"': repr(str(run)), "max_new_tokens=300": "max_new_tokens=40"})  # context 256
     assert len(lines) == 5
     assert all(line.split(" ", 1)[0] in ("stop", "length") for line in lines)
+
+
+def test_the_generate_text_example_runs(make_run, tiny_gpt2):
+    run = make_run("lora", tiny_gpt2)
+    lines = run_block("docs/generation.md", "peftgen.generate_text(", {'"runs/lora"': repr(str(run))})
+    assert len(lines) == 3 and all(line.split(" ", 1)[0] in ("stop", "length") for line in lines)
+
+
+def test_the_library_example_trains_evaluates_and_merges(tiny_gpt2, text_files, tmp_path):
+    settings = tmp_path / "lora.yaml"
+    settings.write_text(yaml.safe_dump({
+        "model": str(tiny_gpt2), "mode": "lora", "train_file": str(text_files["train"]), "valid_file": str(text_files["valid"]),
+        "output_dir": str(tmp_path / "run"), "max_steps": 2, "eval_steps": 2, "precision": "fp32",
+    }))
+    lines = run_block("docs/training.md", 'peftgen.train("configs/lora.yaml")', {
+        '"configs/lora.yaml"': repr(str(settings)), '"data/test.txt"': repr(str(text_files["test"])),
+        '"merged/"': repr(str(tmp_path / "merged")),
+    })
+    lines = [line for line in lines if not line.startswith("{")]  # Trainer's own log lines
+    assert lines[0].split()[0] == str(tmp_path / "run") and float(lines[0].split()[1]) > 0
+    assert float(lines[1]) > 1  # a perplexity
+    assert (tmp_path / "merged" / "config.json").is_file()
 
 
 def test_the_compare_example_runs(make_run, tiny_gpt2):
@@ -326,7 +352,7 @@ def test_the_loading_example_runs(make_run, tiny_gpt2, tmp_path, monkeypatch):
     monkeypatch.setenv("PEFTGEN_CACHE", str(tmp_path / "cache"))
     gguf = write_tiny_llama_gguf(tmp_path / "tiny.gguf", tiny_llama(len(gpt2_bpe_prefix(400)[0])))
     run = make_run("lora", tiny_gpt2)
-    code = python_block("docs/training.md", 'load("runs/lora")')
+    code = python_block("docs/training.md", 'peftgen.load("runs/lora")')
     code = code.replace('"runs/lora"', repr(str(run))).replace('"gpt2"', repr(str(tiny_gpt2))).replace('"model.Q4_1.gguf"', repr(str(gguf)))
     namespace: dict = {}
     exec(compile(code, "docs/training.md", "exec"), namespace)
@@ -378,3 +404,11 @@ def test_the_three_commands_print_what_the_readme_shows(tmp_path, monkeypatch):
     assert [re.sub("(stop|length) ===", "", h) for h in headers] == [re.sub("(stop|length) ===", "", s) for s in shown if s.startswith("=== ")]
     seed = re.fullmatch(r"\(seed (\d+): pass --seed \1 to repeat this output\)", shown[-1])
     assert seed and re.fullmatch(r"\(seed (\d+): pass --seed \1 to repeat this output\)", result.stderr.splitlines()[-1])
+
+    # The same three steps from Python, as the README shows them, into folders of their own
+    lines = run_block("README.md", "peftgen.prepare(", {
+        '"gpt2"': '"tiny-gpt2"', '"data/books"': '"data/books-py"', '"data/books/': '"data/books-py/',
+        '"output_dir": "runs/books"': '"output_dir": "runs/books-py", "max_steps": 1',
+    })
+    assert (tmp_path / "data" / "books-py" / "train.txt").is_file() and (tmp_path / "runs" / "books-py" / "run.json").is_file()
+    assert sum(line.startswith(("stop ", "length ")) for line in lines) >= 2

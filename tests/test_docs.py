@@ -110,9 +110,10 @@ def shown_commands(text: str) -> list[tuple[str, bool]]:
     """(command line, whole) for every line of a bash block or '$ ' line of a text block, and
     every inline `peftgen ...` span (whole=False: it may hold placeholders such as RUN)."""
     found = []
-    for block in blocks(text, "bash") + blocks(text, "text"):
+    shown = blocks(text, "text") + blocks(text, "")  # terminal sessions: the '$ ' lines
+    for block in blocks(text, "bash") + shown:
         for line in block.replace("\\\n", " ").splitlines():
-            if block in blocks(text, "text"):
+            if block in shown:
                 if not line.startswith("$ "):
                     continue
                 line = line[2:]
@@ -412,3 +413,36 @@ def test_the_three_commands_print_what_the_readme_shows(tmp_path, monkeypatch):
     })
     assert (tmp_path / "data" / "books-py" / "train.txt").is_file() and (tmp_path / "runs" / "books-py" / "run.json").is_file()
     assert sum(line.startswith(("stop ", "length ")) for line in lines) >= 2
+
+
+def test_the_generate_errors_shown_are_the_ones_generate_gives(make_run, tiny_gpt2):
+    run = make_run("lora", tiny_gpt2)
+    causes = {  # the start of each error line shown -> flags that cause it
+        "Error: Unknown decoder 'topkk'": ["--decoder", "topkk"],
+        "Error: Decoder 'topk' rejected its options": ["-o", "k=0"],
+        "Error: Decoder 'beam': num_return_sequences (6)": ["--decoder", "beam", "--num-return-sequences", "6"],
+        "Error: The prompt is": ["--prompt", "word " * 300],  # numbers differ: this run's context is 256
+        "Error: --stop-token 'two words'": ["--stop-token", "two words"],
+    }
+    (block,) = [block for block in blocks(doc("docs/generation.md"), "text") if block.startswith("Error:")]
+    shown = block.splitlines()
+    assert [next(line for line in shown if line.startswith(start)) for start in causes] == shown
+    for line in shown:
+        flags = next(flags for start, flags in causes.items() if line.startswith(start))
+        result = runner.invoke(app, ["generate", "--model", str(run), "--length", "5", *flags])
+        assert result.exit_code == 1
+        given = result.stderr.strip().splitlines()[-1]
+        if line.startswith("Error: The prompt is"):
+            given, line = re.sub(r"\d+", "N", given), re.sub(r"\d+", "N", line)
+        assert given == line
+
+
+def test_the_prepare_output_shown_without_a_tokenizer_is_what_prepare_prints(tmp_path, monkeypatch):
+    command = "peftgen prepare data/cmu-booksummaries-sample.tsv --output-dir data/books"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "cmu-booksummaries-sample.tsv").write_bytes((ROOT / "data" / "cmu-booksummaries-sample.tsv").read_bytes())
+    result = runner.invoke(app, shlex.split(command)[1:])
+    assert result.exit_code == 0, result.output
+    shown = shown_run("docs/data.md", command)
+    assert result.stdout.splitlines() == shown[: shown.index("")]  # the block goes on with a second command

@@ -22,6 +22,7 @@ import torch
 from peftgen.errors import PeftgenError
 from peftgen.generation.decoder import Completion, DecodeContext, SequenceDecoder, TokenDecoder
 from peftgen.generation import fast
+from peftgen.model.sizes import context_length
 
 MATMUL_LAYOUTS = ("skinny", "standard")  # generate(matmul_layout=...): how CPU float32 weights are multiplied
 
@@ -197,16 +198,6 @@ def check_request(decoder, num_return_sequences: int, max_new_tokens: int) -> No
             raise
         except Exception as error:
             raise _decoder_error(decoder, "validate()", error) from error
-
-
-def context_length(model) -> int | None:
-    """The longest sequence the model's position embeddings cover, if its config says."""
-    config = model.config
-    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def check_context(model, prompt_tokens: int, max_new_tokens: int) -> None:

@@ -15,7 +15,7 @@ so importing peftgen does not import torch.
 import importlib
 
 from peftgen.errors import PeftgenError
-from peftgen.generation.decoder import Completion, DecodeContext, SequenceDecoder, TokenDecoder
+from peftgen.generation.decoder import Completion, DecodeContext, DecodingEngine, SequenceDecoder, TokenDecoder
 from peftgen.hookspecs import hookimpl
 
 __version__ = "0.1.0"
@@ -30,7 +30,7 @@ _LIBRARY = {
     "merge": "peftgen.merging",
     "load": "peftgen.model",
 }
-__all__ = [*_LIBRARY, "Completion", "DecodeContext", "PeftgenError", "SequenceDecoder", "TokenDecoder", "hookimpl", "__version__"]
+__all__ = [*_LIBRARY, "Completion", "DecodeContext", "DecodingEngine", "PeftgenError", "SequenceDecoder", "TokenDecoder", "hookimpl", "__version__"]
 
 
 def __getattr__(name: str):

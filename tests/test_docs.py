@@ -65,7 +65,8 @@ def test_every_python_block_is_a_real_file_or_run_by_a_test(path):
     run_here = [text for (where, text) in RUN_HERE if where == name]
     for block in blocks(path.read_text(encoding="utf-8"), "python"):
         runs = [text for text in run_here if text in block]
-        assert block in files or len(runs) == 1, f"{name}: this python block is neither a file under examples/ nor run by a test:\n{block}"
+        assert block in files or len(runs) == 1, (
+            f"{name}: this python block is neither a file under examples/ nor run by a test:\n{block}")
 
 
 def test_the_readme_plugin_is_the_builtin_greedy_file():
@@ -270,7 +271,7 @@ def test_diverse_beam_with_one_group_and_no_penalty_is_beam_search(diverse_beam,
                     max_new_tokens=10, num_return_sequences=num_beams)
     beam = generate(tiny_model(), prompts, BeamSearch(num_beams=num_beams), max_new_tokens=10,
                     num_return_sequences=num_beams)
-    assert [[c.token_ids for c in per_prompt] for per_prompt in ours] == [[c.token_ids for c in per_prompt] for per_prompt in beam]
+    assert [[c.token_ids for c in row] for row in ours] == [[c.token_ids for c in row] for row in beam]
 
 
 def test_diverse_beam_groups_start_differently_where_beams_do_not(diverse_beam):
@@ -296,7 +297,7 @@ def test_diverse_beam_runs_from_the_command_line(diverse_beam, tiny_gpt2):
 # ---- python blocks run as they are shown, on tiny models ------------------------------------
 
 
-def run_block(name: str, containing: str, replace: dict[str, str]) -> list[str]:
+def run_block(name: str, containing: str, replace: dict[str, str], namespace: dict | None = None) -> list[str]:
     """Run a doc's python block with the given text replaced (paths to tiny models); its printed lines."""
     code = python_block(name, containing)
     for old, new in replace.items():
@@ -304,7 +305,7 @@ def run_block(name: str, containing: str, replace: dict[str, str]) -> list[str]:
         code = code.replace(old, new)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        exec(compile(code, name, "exec"), {})
+        exec(compile(code, name, "exec"), {} if namespace is None else namespace)
     return printed.getvalue().splitlines()
 
 
@@ -353,14 +354,21 @@ def test_the_loading_example_runs(make_run, tiny_gpt2, tmp_path, monkeypatch):
     monkeypatch.setenv("PEFTGEN_CACHE", str(tmp_path / "cache"))
     gguf = write_tiny_llama_gguf(tmp_path / "tiny.gguf", tiny_llama(len(gpt2_bpe_prefix(400)[0])))
     run = make_run("lora", tiny_gpt2)
-    code = python_block("docs/training.md", 'peftgen.load("runs/lora")')
-    code = code.replace('"runs/lora"', repr(str(run))).replace('"gpt2"', repr(str(tiny_gpt2))).replace('"model.Q4_1.gguf"', repr(str(gguf)))
     namespace: dict = {}
-    exec(compile(code, "docs/training.md", "exec"), namespace)
+    run_block("docs/training.md", 'peftgen.load("runs/lora")', {
+        '"runs/lora"': repr(str(run)), '"gpt2"': repr(str(tiny_gpt2)), '"model.Q4_1.gguf"': repr(str(gguf)),
+    }, namespace)
     assert type(namespace["model"]).__name__ == "LlamaForCausalLM"  # the last line loaded the GGUF file
 
 
 # ---- the README's three commands print what it shows -----------------------------------------
+
+
+def copy_sample(folder: Path) -> None:
+    """data/cmu-booksummaries-sample.tsv, as the commands shown name it, under folder."""
+    (folder / "data").mkdir()
+    sample = "cmu-booksummaries-sample.tsv"
+    (folder / "data" / sample).write_bytes((ROOT / "data" / sample).read_bytes())
 
 
 def shown_run(name: str, command: str) -> list[str]:
@@ -377,8 +385,7 @@ def test_the_three_commands_print_what_the_readme_shows(tmp_path, monkeypatch):
     (commands,) = [block for block in blocks(doc("README.md"), "bash") if "peftgen prepare data/cmu" in block]
     prepare, train, sample = commands.splitlines()
     monkeypatch.chdir(tmp_path)  # the commands' relative paths land here
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "cmu-booksummaries-sample.tsv").write_bytes((ROOT / "data" / "cmu-booksummaries-sample.tsv").read_bytes())
+    copy_sample(tmp_path)
     # tiny-gpt2 is what the README says its output came from: 2 layers, random weights, GPT-2's context and tokenizer
     _save_tiny(tmp_path / "tiny-gpt2", GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=1024, vocab_size=50257))
 
@@ -402,7 +409,8 @@ def test_the_three_commands_print_what_the_readme_shows(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     shown = shown_run("README.md", sample)
     headers = [line for line in result.stdout.splitlines() if line.startswith("=== ")]
-    assert [re.sub("(stop|length) ===", "", h) for h in headers] == [re.sub("(stop|length) ===", "", s) for s in shown if s.startswith("=== ")]
+    shown_headers = [line for line in shown if line.startswith("=== ")]
+    assert [re.sub("(stop|length) ===", "", h) for h in headers] == [re.sub("(stop|length) ===", "", s) for s in shown_headers]
     seed = re.fullmatch(r"\(seed (\d+): pass --seed \1 to repeat this output\)", shown[-1])
     assert seed and re.fullmatch(r"\(seed (\d+): pass --seed \1 to repeat this output\)", result.stderr.splitlines()[-1])
 
@@ -440,8 +448,7 @@ def test_the_generate_errors_shown_are_the_ones_generate_gives(make_run, tiny_gp
 def test_the_prepare_output_shown_without_a_tokenizer_is_what_prepare_prints(tmp_path, monkeypatch):
     command = "peftgen prepare data/cmu-booksummaries-sample.tsv --output-dir data/books"
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "cmu-booksummaries-sample.tsv").write_bytes((ROOT / "data" / "cmu-booksummaries-sample.tsv").read_bytes())
+    copy_sample(tmp_path)
     result = runner.invoke(app, shlex.split(command)[1:])
     assert result.exit_code == 0, result.output
     shown = shown_run("docs/data.md", command)

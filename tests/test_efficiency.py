@@ -71,3 +71,85 @@ def test_own_weights_lets_the_mapped_weights_file_go(tiny_gpt2):
     assert efficiency.own_weights(model) > 0
     assert not mapped()
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def _resident_bytes_of(path: str) -> int:
+    """Bytes of ``path``'s mappings in this process that are in memory (Rss in /proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps", encoding="utf-8") as smaps:
+        for line in smaps:
+            if "-" in line.split(" ", 1)[0]:  # a mapping's header line
+                inside = line.rstrip().endswith(path)
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_released_pages_leave_memory_and_read_back_unchanged(tiny_gpt2):
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    weights = str(tiny_gpt2 / "model.safetensors")
+    if not efficiency._file_mappings():
+        pytest.skip("transformers read the file without mapping it here")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}  # reads every page
+    wte = model.transformer.wte.weight
+    assert not efficiency.release_mapped(wte.data, model)  # the model still uses it: kept
+    old = wte.data
+    wte.data = old.clone()
+    resident = _resident_bytes_of(weights)
+    assert efficiency.release_mapped(old, model)
+    assert resident - _resident_bytes_of(weights) >= old.numel() * old.element_size() - 2 * 4096  # 12.9 MB left memory
+    assert torch.equal(old, before["transformer.wte.weight"])  # read again from the file, as it was
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_int8_layers_keep_no_input_for_a_weight_gradient_they_never_have(tiny_gpt2):
+    pytest.importorskip("bitsandbytes")
+    import gc
+    import weakref
+
+    from bitsandbytes.autograd import _functions
+
+    model, _ = model_lib.load_pretrained(str(tiny_gpt2), quantize_8bit=True)
+    layer = model.transformer.h[0].mlp.c_fc.train()
+    efficiency.lean_int8_matmul()
+    lean = _functions.MatMul8bitFp.forward
+
+    def run(forward):
+        _functions.MatMul8bitFp.forward = staticmethod(forward)
+        torch.manual_seed(0)
+        x = torch.randn(2, 3, 64, requires_grad=True)
+        inner = x * 2  # an activation only the layer could keep alive
+        kept = weakref.ref(inner)
+        out = layer(inner)
+        del inner
+        gc.collect()
+        alive = kept() is not None
+        out.square().sum().backward()
+        return alive, x.grad
+
+    try:
+        original_alive, original_grad = run(lean._peftgen_original)
+        lean_alive, lean_grad = run(lean)
+    finally:
+        _functions.MatMul8bitFp.forward = staticmethod(lean)
+    assert original_alive and not lean_alive
+    assert torch.equal(original_grad, lean_grad)
+    assert efficiency.lean_int8_matmul()  # applying it again changes nothing
+    assert _functions.MatMul8bitFp.forward is lean
+
+
+def test_the_lean_8bit_load_gives_the_same_int8_weights(tiny_gpt2):
+    pytest.importorskip("bitsandbytes")
+    from peftgen.model import loading
+
+    lean, _ = loading.load_pretrained(str(tiny_gpt2), quantize_8bit=True)
+    original = loading._lean_8bit_load
+    loading._lean_8bit_load = __import__("contextlib").nullcontext
+    try:
+        plain, _ = loading.load_pretrained(str(tiny_gpt2), quantize_8bit=True)
+    finally:
+        loading._lean_8bit_load = original
+    lean_state, plain_state = lean.state_dict(), plain.state_dict()
+    assert lean_state.keys() == plain_state.keys()
+    assert all(torch.equal(lean_state[k], plain_state[k]) for k in lean_state)
+    assert any(v.dtype == torch.int8 for v in lean_state.values())

@@ -104,6 +104,7 @@ def prepare_for_training(config, precision: str = "fp32"):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if config.mode == "8bit":
+        efficiency.lean_int8_matmul()
         # Casts the remaining float weights to fp32 and freezes the int8 ones.
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.checkpointing, gradient_checkpointing_kwargs=CHECKPOINTING

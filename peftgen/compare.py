@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Callable, Hashable, Sequence
 
 from peftgen.errors import PeftgenError
-
-DEFAULT_NEW_TOKENS = 300  # as 'peftgen generate'
+from peftgen.text_generation import DEFAULT_NEW_TOKENS  # as 'peftgen generate'
 
 
 @dataclass

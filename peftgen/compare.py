@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Hashable, Sequence
 
 from peftgen.errors import PeftgenError
 from peftgen.text_generation import DEFAULT_NEW_TOKENS  # as 'peftgen generate'
@@ -172,7 +172,8 @@ def compare(
     :param plugins: plugin modules or .py files to load as well (``--plugin``).
     :param progress: called with a line before each decoder runs.
     """
-    from peftgen import model as model_lib, plugins as plugins_lib
+    from peftgen import model as model_lib
+    from peftgen import plugins as plugins_lib
     from peftgen.generation import build_decoder, check_request, resolved_options
     from peftgen.generation.text import default_prompt, encode_prompt, stop_token_ids
 

@@ -20,9 +20,10 @@ import re
 import reprlib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import yaml
 
@@ -157,7 +158,7 @@ class TrainConfig:
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.mode]
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Refuse, before any model is loaded, every value a library would reject later or that makes a useless run."""
         _check_finite_and_clean(self)
         if self.mode not in MODES:

@@ -24,9 +24,10 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from peftgen.errors import PeftgenError
 
@@ -177,8 +178,10 @@ def run(
     import torch
     from transformers import set_seed
 
-    from peftgen import compare as compare_lib, config as config_lib, evaluation, fetch, model as model_lib
-    from peftgen import markers, preparation, training
+    from peftgen import compare as compare_lib
+    from peftgen import config as config_lib
+    from peftgen import evaluation, fetch, markers, preparation, training
+    from peftgen import model as model_lib
 
     started = time.perf_counter()
     seconds: dict[str, float] = {}

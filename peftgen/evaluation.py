@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from peftgen import corpus, data, precision as precision_lib
+from peftgen import corpus, data
+from peftgen import precision as precision_lib
 from peftgen.config import MAX_BATCH, MAX_COUNT
 from peftgen.errors import PeftgenError
 
@@ -75,7 +76,8 @@ def evaluate(
 
 def _load(source: str | os.PathLike, max_length: int | None, progress: bool):
     """The model and tokenizer to score, and the max_length: the run's own where none is given."""
-    from peftgen import model as model_lib, runs
+    from peftgen import model as model_lib
+    from peftgen import runs
     from peftgen.markers import MARKERS
     from peftgen.run_files import read_run_config, run_folder
 

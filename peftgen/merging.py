@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from peftgen import data, model as model_lib, run_files
+from peftgen import data, run_files
+from peftgen import model as model_lib
 from peftgen.errors import PeftgenError
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from peftgen.config import MAX_BATCH, SEED_LIMIT
 from peftgen.errors import PeftgenError

@@ -19,17 +19,21 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import rotate_checkpoints
 
-from peftgen import attention, batching, config as config_lib, corpus, data, efficiency, model as model_lib, plot, precision as precision_lib, run_files, runs
-from peftgen.fused_loss import FusedHeadLoss
+from peftgen import attention, batching, corpus, data, efficiency, plot, run_files, runs
+from peftgen import config as config_lib
+from peftgen import model as model_lib
+from peftgen import precision as precision_lib
 from peftgen.errors import PeftgenError
+from peftgen.fused_loss import FusedHeadLoss
 
 LOSS_PLOT = "loss.png"
 

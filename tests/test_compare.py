@@ -11,7 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from peftgen import compare as compare_lib, config as config_lib
+from peftgen import compare as compare_lib
+from peftgen import config as config_lib
 from peftgen.cli import app
 from peftgen.testing import bigram_model, isolated_plugins
 

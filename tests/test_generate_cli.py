@@ -118,15 +118,30 @@ def test_several_sequences_print_with_headers(tiny_gpt2, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--decoder", "topkk"], "Unknown decoder 'topkk'. Available: beam, greedy, topk, topp (installed plugins add more; see 'peftgen decoders')."),
-    (["-o", "k=0"], "Decoder 'topk' rejected its options: k must be at least 1, got 0. Its options: k (int, default 50), temperature (float, default 1.0), p (float, default 1.0)."),
+    (["-o", "k=0"],
+     "Decoder 'topk' rejected its options: k must be at least 1, got 0. "
+     "Its options: k (int, default 50), temperature (float, default 1.0), p (float, default 1.0)."),
     (["-o", "kk=3"], "Decoder 'topk' has no option 'kk'. Its options: k (int, default 50), temperature (float, default 1.0), p (float, default 1.0)."),
     (["-o", "k"], "-o expects key=value, got 'k'. Example: -o temperature=0.7"),
-    (["--decoder", "topp", "-o", "p=1.5"], "Decoder 'topp' rejected its options: p must be in (0, 1], got 1.5. Its options: p (float, default 0.9), temperature (float, default 1.0)."),
-    (["--decoder", "beam", "--num-return-sequences", "6"], "Decoder 'beam': num_return_sequences (6) is more than num_beams (5); beam search returns at most num_beams sequences per prompt. Lower --num-return-sequences or pass -o num_beams=6"),
-    (["--decoder", "beam", "-o", "num_beams=0"], "Decoder 'beam' rejected its options: num_beams must be at least 1, got 0. Its options: num_beams (int, default 5), length_penalty (float, default 1.0), early_stopping (bool | 'never', default False), no_repeat_ngram_size (int, default 0)."),
-    (["--prompt", " word" * 300], "The prompt is 300 tokens, but the model's context is 256 tokens and generation needs room for new ones. Shorten the prompt."),
-    (["--prompt", "Hi", "--max-new-tokens", "300"], "The prompt (1 token) plus --max-new-tokens 300 is 301 tokens, more than the model's context of 256. Use --max-new-tokens 255 or less."),
-    (["--stop-token", "two words"], "--stop-token 'two words' is 2 tokens ['two', 'Ġwords'], not one. A stop token must be a single token of the vocabulary, such as the eos token '<|endoftext|>'."),
+    (["--decoder", "topp", "-o", "p=1.5"],
+     "Decoder 'topp' rejected its options: p must be in (0, 1], got 1.5. "
+     "Its options: p (float, default 0.9), temperature (float, default 1.0)."),
+    (["--decoder", "beam", "--num-return-sequences", "6"],
+     "Decoder 'beam': num_return_sequences (6) is more than num_beams (5); beam search returns at most num_beams sequences per prompt. "
+     "Lower --num-return-sequences or pass -o num_beams=6"),
+    (["--decoder", "beam", "-o", "num_beams=0"],
+     "Decoder 'beam' rejected its options: num_beams must be at least 1, got 0. "
+     "Its options: num_beams (int, default 5), length_penalty (float, default 1.0), "
+     "early_stopping (bool | 'never', default False), no_repeat_ngram_size (int, default 0)."),
+    (["--prompt", " word" * 300],
+     "The prompt is 300 tokens, but the model's context is 256 tokens and generation needs room for new ones. "
+     "Shorten the prompt."),
+    (["--prompt", "Hi", "--max-new-tokens", "300"],
+     "The prompt (1 token) plus --max-new-tokens 300 is 301 tokens, more than the model's context of 256. "
+     "Use --max-new-tokens 255 or less."),
+    (["--stop-token", "two words"],
+     "--stop-token 'two words' is 2 tokens ['two', 'Ġwords'], not one. "
+     "A stop token must be a single token of the vocabulary, such as the eos token '<|endoftext|>'."),
     (["--prompt", "a", "--prompt-file", "p.txt"], "Pass --prompt or --prompt-file, not both."),
     (["--prompt-file", "missing.txt"], "--prompt-file missing.txt does not exist."),
     (["--batch-size", "0"], "--batch-size must be between 1 and 65536, got 0."),

@@ -6,7 +6,9 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from peftgen import merging as merge_lib, model as model_lib, run_files
+from peftgen import merging as merge_lib
+from peftgen import model as model_lib
+from peftgen import run_files
 from peftgen.errors import PeftgenError
 
 IDS = torch.tensor([[50257, 464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 50258]])

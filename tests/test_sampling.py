@@ -10,7 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerState
 from typer.testing import CliRunner
 
-from peftgen import config as config_lib, plot, sampling, training as train_lib
+from peftgen import config as config_lib
+from peftgen import plot, sampling
+from peftgen import training as train_lib
 from peftgen.cli import app
 from peftgen.errors import PeftgenError
 

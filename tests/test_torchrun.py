@@ -13,7 +13,9 @@ import sys
 import pytest
 import yaml
 
-from peftgen import config as config_lib, runs, training as train_lib
+from peftgen import config as config_lib
+from peftgen import runs
+from peftgen import training as train_lib
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 

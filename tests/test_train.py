@@ -6,7 +6,10 @@ import torch
 import yaml
 from transformers import set_seed
 
-from peftgen import config as config_lib, model as model_lib, run_files, training as train_lib
+from peftgen import config as config_lib
+from peftgen import model as model_lib
+from peftgen import run_files
+from peftgen import training as train_lib
 from peftgen.errors import PeftgenError
 
 NEW = [50257, 50258, 50259]  # <BOS>, <EOS>, <PAD> appended to GPT-2's 50,257 tokens

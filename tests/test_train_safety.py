@@ -12,7 +12,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from peftgen import config as config_lib, model as model_lib, runs, training as train_lib
+from peftgen import config as config_lib
+from peftgen import model as model_lib
+from peftgen import runs
+from peftgen import training as train_lib
 from peftgen.cli import app
 from peftgen.errors import PeftgenError
 

@@ -10,8 +10,8 @@ import math
 from pathlib import Path
 
 import pytest
-import yaml
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from peftgen import config as config_lib

@@ -18,10 +18,13 @@ Opt = typer.Option
 def compare(
     model: Annotated[str, Opt(help="Run folder, model folder, .gguf file or Hub id.")],
     decoders: Annotated[str, Opt(help="'all' (every loaded decoder) or names, e.g. greedy,topk,beam.")] = "all",
-    option: Annotated[Optional[list[str]], Opt("--option", "-o", help="Option of one decoder, decoder.key=value, e.g. -o beam.num_beams=3; repeatable.")] = None,
-    prompt: Annotated[Optional[list[str]], Opt(help="Text to continue; repeatable, used in turn. Default: the tokenizer's bos, <BOS> for a trained run.")] = None,
+    option: Annotated[Optional[list[str]], Opt(
+        "--option", "-o", help="Option of one decoder, decoder.key=value, e.g. -o beam.num_beams=3; repeatable.")] = None,
+    prompt: Annotated[Optional[list[str]], Opt(
+        help="Text to continue; repeatable, used in turn. Default: the tokenizer's bos, <BOS> for a trained run.")] = None,
     num_samples: Annotated[int, Opt(help="Samples per decoder.")] = 20,
-    max_new_tokens: Annotated[Optional[int], Opt("--max-new-tokens", "--length", help="Most tokens per sample. Default: 300, fewer if the model's context is shorter.")] = None,
+    max_new_tokens: Annotated[Optional[int], Opt(
+        "--max-new-tokens", "--length", help="Most tokens per sample. Default: 300, fewer if the model's context is shorter.")] = None,
     seed: Annotated[int, Opt(help="Seed of every decoder's random draws: the same seed gives the same table (speed aside).")] = 0,
     judge: Annotated[Optional[str], Opt(help="Another model (folder, .gguf, Hub id) to score the samples' perplexity with.")] = None,
     batch_size: Annotated[int, Opt(help="Samples generated together.")] = 8,

@@ -1,5 +1,6 @@
-from peftgen.testing import check_decoder
 from typical_decoder import Typical
+
+from peftgen.testing import check_decoder
 
 
 def test_typical_conforms():

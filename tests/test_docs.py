@@ -378,9 +378,8 @@ def shown_run(name: str, command: str) -> list[str]:
 
 
 def test_the_three_commands_print_what_the_readme_shows(tmp_path, monkeypatch):
-    from transformers import GPT2Config
-
     from conftest import _save_tiny
+    from transformers import GPT2Config
 
     (commands,) = [block for block in blocks(doc("README.md"), "bash") if "peftgen prepare data/cmu" in block]
     prepare, train, sample = commands.splitlines()

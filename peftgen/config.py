@@ -118,6 +118,8 @@ class TrainConfig:
     # Speed and memory techniques (benchmarks/README.md measures each one):
     gradient_checkpointing: Optional[bool] = speed_setting(
         None, "Recompute activations in the backward pass instead of keeping them.", shown="on for lora/8bit, off for full")
+    checkpoint_layers: float = speed_setting(
+        1.0, "Share of the layers gradient checkpointing recomputes, from the first; the rest keep their activations.")
     packing: bool = speed_setting(True, "Padding-free batches: examples end to end in one row, attention kept within each.")
     attention_per_example: bool = speed_setting(True, "Packed batches: causal attention per example, not one masked (N, N) matrix.")
     fused_loss: Optional[bool] = speed_setting(
@@ -250,6 +252,11 @@ def _check_finite_and_clean(config: TrainConfig) -> None:
 
 
 def _check_speed(config: TrainConfig) -> None:
+    if not 0 < config.checkpoint_layers <= 1:
+        raise PeftgenError(
+            f"checkpoint_layers is the share of layers recomputed, in (0, 1], got {config.checkpoint_layers:g}; "
+            "for none, set gradient_checkpointing: false."
+        )
     if config.attention_dropout is not None and not 0 <= config.attention_dropout < 1:
         raise PeftgenError(
             f"attention_dropout is a probability in [0, 1), got {config.attention_dropout:g}; "

@@ -186,6 +186,23 @@ def returning_freed_memory(threshold: int = 1 << 20):
             libc.malloc_trim(0)
 
 
+def checkpoint_only(model, share: float) -> int:
+    """Gradient checkpointing kept on the first ``share`` of the layers only; returns how many stay checkpointed.
+
+    Checkpointing every layer recomputes the whole forward pass in the
+    backward pass (a third more arithmetic); checkpointing none keeps every
+    layer's activations. Between the two, each layer let go trades its
+    activations' memory for its share of that recompute.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    keep = round(len(layers) * share)
+    for layer in layers[keep:]:
+        layer.gradient_checkpointing = False
+    return min(keep, len(layers))
+
+
 def lean_int8_matmul() -> bool:
     """bitsandbytes' CPU int8 matmul stops keeping inputs it will never read; True if it applies.
 

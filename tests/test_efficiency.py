@@ -4,6 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from peftgen import config as config_lib, efficiency, model as model_lib
+from peftgen.errors import PeftgenError
 
 IDS = torch.tensor([[50256, 464, 1468, 1110, 318, 257]])
 
@@ -153,3 +154,24 @@ def test_the_lean_8bit_load_gives_the_same_int8_weights(tiny_gpt2):
     assert lean_state.keys() == plain_state.keys()
     assert all(torch.equal(lean_state[k], plain_state[k]) for k in lean_state)
     assert any(v.dtype == torch.int8 for v in lean_state.values())
+
+
+@pytest.mark.parametrize("share, checkpointed", [(1.0, [True, True]), (0.5, [True, False]), (0.2, [False, False])])
+def test_checkpoint_layers_recomputes_the_first_share_of_layers_and_learns_the_same(share, checkpointed, tiny_gpt2):
+    settings = {"model": str(tiny_gpt2), "mode": "lora", "train_file": "x", "lora_r": 4, "lora_dropout": 0.0}
+    grads = {}
+    for value in (share, None):
+        torch.manual_seed(0)
+        config = config_lib.resolve(None, {**settings, "gradient_checkpointing": value is not None, "checkpoint_layers": value or 1.0})
+        model = model_lib.prepare_for_training(config, "fp32")[0].train()
+        if value is not None:
+            assert [block.gradient_checkpointing for block in model.base_model.model.transformer.h] == checkpointed
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        grads[value] = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert all(torch.allclose(grads[share][name], grads[None][name], atol=1e-6) for name in grads[None])
+
+
+@pytest.mark.parametrize("share", [0, -0.5, 1.5])
+def test_checkpoint_layers_outside_zero_to_one_is_refused(share):
+    with pytest.raises(PeftgenError, match="checkpoint_layers"):
+        config_lib.resolve(None, {"mode": "lora", "train_file": "x", "checkpoint_layers": share}).validate()

@@ -99,6 +99,7 @@ def prepare_for_training(config, precision: str = "fp32"):
     if config.mode == "full":
         if config.checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
+            efficiency.checkpoint_only(model, config.checkpoint_layers)
         return model, tokenizer, new_ids
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -112,6 +113,8 @@ def prepare_for_training(config, precision: str = "fp32"):
     elif config.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
         model.enable_input_require_grads()
+    if config.checkpointing:
+        efficiency.checkpoint_only(model, config.checkpoint_layers)
     targets = config.target_modules or TARGET_MODULES.get(model.config.model_type, "all-linear")
     in_name, out_name, tied = embedding_names(model)
     token_indices = None

@@ -452,3 +452,16 @@ def test_the_prepare_output_shown_without_a_tokenizer_is_what_prepare_prints(tmp
     assert result.exit_code == 0, result.output
     shown = shown_run("docs/data.md", command)
     assert result.stdout.splitlines() == shown[: shown.index("")]  # the block goes on with a second command
+
+
+def test_the_speed_switches_shown_are_settings_with_those_defaults():
+    from peftgen import config as config_lib
+
+    text = doc("docs/training.md")
+    table = text[text.index("| key | default | what it does |") :].split("\n\n")[0]
+    rows = [re.match(r"\| `(\w+)` \| `([^`]*)` \|", line) for line in table.splitlines()[2:]]
+    assert rows and all(rows), table
+    for row in rows:
+        key, default = row.groups()
+        assert key in config_lib.FIELDS, f"docs/training.md shows a switch {key!r} that TrainConfig does not have"
+        assert yaml.safe_load(default) == config_lib.FIELDS[key].default, f"{key}: docs/training.md says {default}"

@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install
+.PHONY: demo test install lint
 
 $(BIN)/peftgen: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(BIN)/peftgen
 
 test: install
 	$(BIN)/python -m pytest -q tests $(wildcard plugins/*/tests)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 demo: install
 	$(BIN)/python -m peftgen.demo

@@ -25,6 +25,7 @@ to the end of the first training step:
 adds loading the model and the first step. Peak memory is the largest
 resident set of the run's process or any of its workers (``ru_maxrss``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -115,7 +116,8 @@ def before_examples(config, tokenizer):
 
 def child(args) -> None:
     started = time.perf_counter()
-    from peftgen import config as config_lib, training as train_lib
+    from peftgen import config as config_lib
+    from peftgen import training as train_lib
 
     imports = time.perf_counter() - started
     if args.child == "before":
@@ -133,7 +135,7 @@ def child(args) -> None:
     step = train_lib.PeftgenTrainer.training_step
 
     def first_step(self, *a, **k):
-        loss = step(self, *a, **k)
+        step(self, *a, **k)
         timings["to_step_1_s"] = time.perf_counter() - t0
         Path(args.result).write_text(json.dumps(timings))
         sys.stdout.flush()
@@ -141,10 +143,20 @@ def child(args) -> None:
         os._exit(0)  # what follows (saving the run) is the same in every row
 
     train_lib.PeftgenTrainer.training_step = first_step
-    config = config_lib.resolve(None, dict(
-        model=args.model, mode="full", train_file=args.train_file, output_dir=args.output_dir, max_steps=1,
-        max_length=MAX_LENGTH, batch_size=2, precision="fp32", logging_steps=1,
-    ))
+    config = config_lib.resolve(
+        None,
+        dict(
+            model=args.model,
+            mode="full",
+            train_file=args.train_file,
+            output_dir=args.output_dir,
+            max_steps=1,
+            max_length=MAX_LENGTH,
+            batch_size=2,
+            precision="fp32",
+            logging_steps=1,
+        ),
+    )
     t0 = time.perf_counter()
     train_lib.train(config, overwrite=True, progress=False)
 
@@ -155,8 +167,20 @@ def run_process(path: str, model: Path, corpus: Path, cache: Path, scratch: Path
     result = scratch / "result.json"
     result.unlink(missing_ok=True)
     env = dict(os.environ, PEFTGEN_CACHE=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
-    command = [sys.executable, __file__, "--child", path, "--model", str(model), "--train-file", str(corpus),
-               "--output-dir", str(scratch / "run"), "--result", str(result)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        path,
+        "--model",
+        str(model),
+        "--train-file",
+        str(corpus),
+        "--output-dir",
+        str(scratch / "run"),
+        "--result",
+        str(result),
+    ]
     log = scratch / "stderr.txt"
     with open(log, "w") as err:
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
@@ -172,8 +196,9 @@ def run_process(path: str, model: Path, corpus: Path, cache: Path, scratch: Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10,100,1000", help="corpus sizes in MB, comma-separated")
-    parser.add_argument("--before-up-to", type=float, default=float("inf"),
-                        help="skip the 'before' rows above this size in MB (they need about 7 GB of memory per GB)")
+    parser.add_argument(
+        "--before-up-to", type=float, default=float("inf"), help="skip the 'before' rows above this size in MB (they need about 7 GB of memory per GB)"
+    )
     parser.add_argument("--quick", action="store_true", help="same as --sizes 1")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--child", choices=["before", "after"], help=argparse.SUPPRESS)
@@ -191,8 +216,11 @@ def main() -> None:
             corpus = tmp / f"corpus-{megabytes:g}mb.txt"
             t = time.perf_counter()
             lines = make_corpus(corpus, megabytes)
-            print(f"{megabytes:g} MB: {lines:,} lines, {corpus.stat().st_size / 1e6:.1f} MB written in "
-                  f"{time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+            print(
+                f"{megabytes:g} MB: {lines:,} lines, {corpus.stat().st_size / 1e6:.1f} MB written in {time.perf_counter() - t:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
             cache = tmp / "cache"
             shutil.rmtree(cache, ignore_errors=True)
             paths = ["before", "after"] if megabytes <= args.before_up_to else ["after"]
@@ -212,8 +240,7 @@ def main() -> None:
 def table(rows: list[dict]) -> str:
     out = ["| corpus | lines | path | run | data s | to step 1 s | peak memory MB |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['size_mb']:g} MB | {r['lines']:,} | {r['path']} | {r['run']} | {r['data_s']:.1f} | "
-                   f"{r['to_step_1_s']:.1f} | {r['peak_mb']:,.0f} |")
+        out.append(f"| {r['size_mb']:g} MB | {r['lines']:,} | {r['path']} | {r['run']} | {r['data_s']:.1f} | {r['to_step_1_s']:.1f} | {r['peak_mb']:,.0f} |")
     imports = sorted(r["imports_s"] for r in rows)[len(rows) // 2]
     out.append(f"\n(imports before the clock starts: {imports:.1f} s, the median over the rows)")
     return "\n".join(out)

@@ -13,6 +13,7 @@ repeats is reported. Other processes on the machine skew results: the "cpu
 share" column is the lowest share of the machine's threads any timed run
 got; trust rows near 100%.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ from peftgen.decoders.topk import TopK
 from peftgen.generation import generate
 
 SHAPES = {
-    "tiny": dict(n_layer=4, n_embd=256, n_head=4),    # ~16M parameters, 13M of them the embedding
+    "tiny": dict(n_layer=4, n_embd=256, n_head=4),  # ~16M parameters, 13M of them the embedding
     "small": dict(n_layer=12, n_embd=768, n_head=12),  # GPT-2 small, 124M
 }
 BOS, SEQUENCES, NEW = 50256, 5, 300
@@ -57,8 +58,7 @@ def with_transformers(model, decoder: str, new: int) -> torch.Tensor:
 
 def with_peftgen(model, decoder: str, new: int, matmul_layout: str = "skinny") -> list[list[int]]:
     strategy = TopK(k=50) if decoder == "topk" else BeamSearch(num_beams=SEQUENCES)
-    completions = generate(model, [[BOS]], strategy, max_new_tokens=new, num_return_sequences=SEQUENCES, seed=0,
-                           matmul_layout=matmul_layout)[0]
+    completions = generate(model, [[BOS]], strategy, max_new_tokens=new, num_return_sequences=SEQUENCES, seed=0, matmul_layout=matmul_layout)[0]
     return [c.token_ids for c in completions]
 
 
@@ -83,10 +83,12 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true", help="Also time the engine with matmul_layout='standard' (no skinny-matmul swap).")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, {args.dtype}; {SEQUENCES} sequences x {NEW} new tokens from <BOS>; median of {args.repeats}; "
-          f"load average {os.getloadavg()[0]:.2f} (other processes skew timings); "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, {args.dtype}; {SEQUENCES} sequences x {NEW} new tokens from <BOS>; median of {args.repeats}; "
+        f"load average {os.getloadavg()[0]:.2f} (other processes skew timings); "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+    )
     header = f"{'model':<8}{'decoder':<9}{'model.generate':>16}{'peftgen':>12}{'ratio':>8}{'cpu share':>11}"
     print(header + ("   no matmul swap" if args.ablation else ""))
     for shape in args.shapes:
@@ -98,10 +100,10 @@ def main() -> None:
             hf, ours, plain = [], [], []
             SHARES.clear()
             for _ in range(args.repeats):
-                hf.append(seconds(lambda: with_transformers(model, decoder, NEW)))
-                ours.append(seconds(lambda: with_peftgen(model, decoder, NEW)))
+                hf.append(seconds(lambda: with_transformers(model, decoder, NEW)))  # noqa: B023 (called at once)
+                ours.append(seconds(lambda: with_peftgen(model, decoder, NEW)))  # noqa: B023 (called at once)
                 if args.ablation:
-                    plain.append(seconds(lambda: with_peftgen(model, decoder, NEW, matmul_layout="standard")))
+                    plain.append(seconds(lambda: with_peftgen(model, decoder, NEW, matmul_layout="standard")))  # noqa: B023 (called at once)
             tokens = SEQUENCES * NEW
             hf_rate, our_rate = tokens / statistics.median(hf), tokens / statistics.median(ours)
             # The lowest share of any timed run: well under 100% means other processes took CPU time.

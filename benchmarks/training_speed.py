@@ -25,6 +25,7 @@ the model's own dropout, lr 5e-5); "trainer-bf16" is the same with bf16=True;
 then peftgen train --mode full / lora / 8bit at their defaults. --ablations
 adds peftgen rows with one technique switched off each.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,16 @@ SHAPES = {
     "gpt2": ("GPT-2 small (124M)", dict(kind="gpt2", n_layer=12, n_embd=768, n_head=12, n_positions=1024)),
     "smollm2": (
         "SmolLM2-135M shape (Llama, GPT-2 vocabulary)",
-        dict(kind="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-             num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True),
+        dict(
+            kind="llama",
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+        ),
     ),
     "tiny": ("tiny GPT-2 (quick check)", dict(kind="gpt2", n_layer=2, n_embd=64, n_head=2, n_positions=1024)),
 }
@@ -119,7 +128,8 @@ def run_plain(model_dir: Path, files: dict, bf16: bool, memory: bool, output: Pa
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    from peftgen import data, model as model_lib
+    from peftgen import data
+    from peftgen import model as model_lib
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -128,9 +138,19 @@ def run_plain(model_dir: Path, files: dict, bf16: bool, memory: bool, output: Pa
     file = files["long" if memory else "train"]
     examples = data.load_examples(file, tokenizer, 512)
     args = TrainingArguments(
-        output_dir=str(output), per_device_train_batch_size=BATCH, learning_rate=RECIPE_LR,
-        num_train_epochs=EPOCHS, max_steps=3 if memory else -1, bf16=bf16, use_cpu=True, report_to="none",
-        save_strategy="no", logging_steps=1, disable_tqdm=True, seed=42, data_seed=42,
+        output_dir=str(output),
+        per_device_train_batch_size=BATCH,
+        learning_rate=RECIPE_LR,
+        num_train_epochs=EPOCHS,
+        max_steps=3 if memory else -1,
+        bf16=bf16,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=42,
+        data_seed=42,
     )
     collate = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     trainer = Trainer(model=model, args=args, train_dataset=data.LineDataset(examples), data_collator=collate)
@@ -143,11 +163,21 @@ def run_plain(model_dir: Path, files: dict, bf16: bool, memory: bool, output: Pa
 
 
 def run_peftgen(model_dir: Path, files: dict, mode: str, overrides: dict, memory: bool, output: Path) -> dict:
-    from peftgen import config as config_lib, data, model as model_lib, training as train_lib
+    from peftgen import config as config_lib
+    from peftgen import data
+    from peftgen import model as model_lib
+    from peftgen import training as train_lib
 
     settings = dict(
-        model=str(model_dir), mode=mode, train_file=str(files["long" if memory else "train"]), output_dir=str(output),
-        batch_size=BATCH, epochs=EPOCHS, max_steps=3 if memory else -1, save_steps=10_000, logging_steps=1,
+        model=str(model_dir),
+        mode=mode,
+        train_file=str(files["long" if memory else "train"]),
+        output_dir=str(output),
+        batch_size=BATCH,
+        epochs=EPOCHS,
+        max_steps=3 if memory else -1,
+        save_steps=10_000,
+        logging_steps=1,
         max_length=512,
     )
     # apply() keeps an override of None (e.g. attention_dropout: null), which resolve() reads as "not given"
@@ -201,7 +231,8 @@ def profile_step(model_dir: Path, files: dict, repeats: int = 3) -> None:
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftgen import attention, batching, data, efficiency, model as model_lib
+    from peftgen import attention, batching, data, efficiency
+    from peftgen import model as model_lib
     from peftgen.fused_loss import linear_cross_entropy
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -259,15 +290,26 @@ def profile_step(model_dir: Path, files: dict, repeats: int = 3) -> None:
 
 def run_row(name: str, row: str, overrides: dict, model_dir: Path, files: dict, work: Path, memory: bool) -> dict:
     command = [
-        sys.executable, __file__, "--child", "--row", row, "--model-dir", str(model_dir), "--work", str(work),
-        "--files", json.dumps({k: str(v) for k, v in files.items()}), "--overrides", json.dumps(overrides),
+        sys.executable,
+        __file__,
+        "--child",
+        "--row",
+        row,
+        "--model-dir",
+        str(model_dir),
+        "--work",
+        str(work),
+        "--files",
+        json.dumps({k: str(v) for k, v in files.items()}),
+        "--overrides",
+        json.dumps(overrides),
     ] + (["--memory"] if memory else [])
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         return {"error": " | ".join(tail)}
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def machine() -> str:
@@ -368,10 +410,7 @@ def format_row(name: str, entry: dict, table: dict) -> str:
     vs_full = f"{peak / full_peak:6.0%}" if peak and full_peak else f"{'':7}"
     peak_text = f"{peak:8.2f}" if peak else f"{'-':>8}"
     spread = "/".join(str(r) for r in speed.get("rates", [])) if len(speed.get("rates", [])) > 1 else ""
-    return (
-        f"{name:34} {rate:11.0f} {ratio} {speed['train_loss']:10.4f} {speed.get('valid_loss', float('nan')):10.4f} "
-        f"{peak_text} {vs_full}  {spread}"
-    )
+    return f"{name:34} {rate:11.0f} {ratio} {speed['train_loss']:10.4f} {speed.get('valid_loss', float('nan')):10.4f} {peak_text} {vs_full}  {spread}"
 
 
 if __name__ == "__main__":

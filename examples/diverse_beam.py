@@ -3,6 +3,7 @@
     peftgen generate --model runs/lora --plugin examples/diverse_beam.py \
         --decoder diverse-beam -o num_groups=2 -o num_beams=4 --num-return-sequences 4
 """
+
 import torch
 
 from peftgen import Completion, DecodingEngine, SequenceDecoder, hookimpl
@@ -65,10 +66,7 @@ class DiverseBeam(SequenceDecoder):
             engine.reorder(rows.view(-1))
             tokens = torch.cat([tokens.gather(1, parents[:, :, None].expand(-1, -1, t)), chosen[:, :, None]], dim=2)
             logits = engine.step(chosen.view(-1).to(engine.device))
-        return [
-            [engine.completion(ids, score) for score, ids in sorted(done, key=lambda d: -d[0])[:num_return_sequences]]
-            for done in finished
-        ]
+        return [[engine.completion(ids, score) for score, ids in sorted(done, key=lambda d: -d[0])[:num_return_sequences]] for done in finished]
 
 
 @hookimpl

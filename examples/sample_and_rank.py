@@ -3,6 +3,7 @@
     peftgen generate --model runs/lora --plugin examples/sample_and_rank.py \
         --decoder sample-and-rank --num-return-sequences 3
 """
+
 import torch
 
 from peftgen import Completion, DecodingEngine, SequenceDecoder, hookimpl

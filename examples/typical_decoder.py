@@ -3,6 +3,7 @@
     peftgen generate --model runs/lora --plugin examples/typical_decoder.py \
         --decoder typical -o tau=0.9
 """
+
 import torch
 
 from peftgen import DecodeContext, TokenDecoder, hookimpl

@@ -12,6 +12,7 @@ The library under the command line, one call per command::
 The names a decoder plugin needs are imported here; the rest on first use,
 so importing peftgen does not import torch.
 """
+
 import importlib
 
 from peftgen.errors import PeftgenError

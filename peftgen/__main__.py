@@ -1,4 +1,5 @@
 """``python -m peftgen`` runs the CLI."""
+
 from peftgen.cli import main
 
 main()

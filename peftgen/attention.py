@@ -15,6 +15,7 @@ function once per example (causal, no mask) on the slices the collator's
 ``cu_seq_lens_q`` name, and joins the outputs. A batch without them (a
 padded one) goes to transformers' SDPA function unchanged.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,9 +33,9 @@ def per_example_attention(module, query, key, value, attention_mask, dropout=0.0
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     edges = bounds.tolist() if isinstance(bounds, torch.Tensor) else list(bounds)
     pieces = [
-        sdpa_attention_forward(
-            module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None, dropout, scaling, True, **kwargs
-        )[0]  # (1, end - start, H, D)
+        sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None, dropout, scaling, True, **kwargs)[
+            0
+        ]  # (1, end - start, H, D)
         for start, end in zip(edges, edges[1:])
         if end > start
     ]
@@ -53,4 +54,3 @@ def use_per_example_attention(model) -> bool:
     AttentionMaskInterface.register(NAME, sdpa_mask)  # padded batches still get their mask
     base.set_attn_implementation(NAME)
     return True
-

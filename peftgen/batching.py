@@ -13,6 +13,7 @@ Not every architecture reads packed positions that way, so ``packing_works``
 tries it on the model itself before training and peftgen falls back to
 padding where the two disagree.
 """
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 It holds what is made once and reused: dequantised GGUF models (``gguf/``),
 tokenized training data (``datasets/``) and fetched model files.
 """
+
 from __future__ import annotations
 
 import os

@@ -11,6 +11,7 @@ of the samples under the model itself, and, given a judge model, their
 perplexity under it. A decoder that fails gets a row with its error; the
 others still run. The same seed gives the same table, speed aside.
 """
+
 from __future__ import annotations
 
 import math
@@ -239,8 +240,7 @@ def _measure(row, model, tokenizer, decoder, encoded, order, stops, pad, max_new
     for start in range(0, len(order), batch_size):
         prompts = [encoded[i] for i in order[start : start + batch_size]]
         tick = time.perf_counter()
-        results = generate(model, prompts, decoder, max_new_tokens=max_new_tokens, stop_tokens=stops,
-                           pad_token_id=pad, seed=seed + start)
+        results = generate(model, prompts, decoder, max_new_tokens=max_new_tokens, stop_tokens=stops, pad_token_id=pad, seed=seed + start)
         seconds += time.perf_counter() - tick
         completions += [per_prompt[0] for per_prompt in results]
     # Text tokens: what the sample says, without the stop token that ended it.
@@ -309,6 +309,6 @@ def plot(rows: Sequence[Row], path: str | Path) -> Path:
     """One bar chart per measurement, decoders side by side, in one PNG."""
     from peftgen.plot import decoder_bars
 
-    return decoder_bars([r.decoder for r in rows if not r.error],
-                        {heading: [getattr(r, name) for r in rows if not r.error] for heading, name, _ in COLUMNS},
-                        Path(path))
+    return decoder_bars(
+        [r.decoder for r in rows if not r.error], {heading: [getattr(r, name) for r in rows if not r.error] for heading, name, _ in COLUMNS}, Path(path)
+    )

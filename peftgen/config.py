@@ -10,6 +10,7 @@ built from these fields. Unknown keys and values of the wrong type fail with
 the key, the file and the expected type. A run folder keeps its settings in
 ``peftgen.yaml``, which ``peftgen train -c`` accepts as it is.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,8 +64,7 @@ def short(value: Any, limit: int = 80) -> str:
 GROUPS = ("Settings", "Speed and memory", "Samples during training")  # as help and docs list the settings
 
 
-def setting(default: Any = None, help: str = "", *, factory=None, shown: str | None = None, flag: str | None = None,
-            group: str = GROUPS[0]):
+def setting(default: Any = None, help: str = "", *, factory=None, shown: str | None = None, flag: str | None = None, group: str = GROUPS[0]):
     """A TrainConfig field with its one-line help.
 
     shown: the default as help and docs show it, where the value alone does not
@@ -86,8 +86,10 @@ class TrainConfig:
     model: str = setting("gpt2", "Hub id, local model folder or .gguf file.")
     mode: str = setting("lora", "full, lora or 8bit (LLM.int8 + LoRA).")
     train_file: Optional[str] = setting(
-        None, "Training data: .txt (one example a line), .jsonl, .json, .csv, .tsv, .parquet, "
-              "a Dataset.save_to_disk folder or hub:owner/name.", shown="required")
+        None,
+        "Training data: .txt (one example a line), .jsonl, .json, .csv, .tsv, .parquet, a Dataset.save_to_disk folder or hub:owner/name.",
+        shown="required",
+    )
     valid_file: Optional[str] = setting(None, "Validation data, evaluated every eval_steps updates and at the end.", shown="none")
     text_field: str = setting("text", "Column holding the text in .jsonl, .csv, .tsv, .parquet and dataset sources.")
     split: Optional[str] = setting(None, "Split of a hub:owner/name dataset or saved DatasetDict to train on.", shown="train")
@@ -108,25 +110,29 @@ class TrainConfig:
     lora_r: int = setting(8, "LoRA rank.")
     lora_alpha: int = setting(16, "LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = setting(0.0, "Dropout on the LoRA path; > 0 keeps a copy of every adapted layer's input.")
-    target_modules: Optional[list[str]] = setting(
-        None, "Module names LoRA adapts (comma-separated on the command line).", shown="per architecture")
+    target_modules: Optional[list[str]] = setting(None, "Module names LoRA adapts (comma-separated on the command line).", shown="per architecture")
     bos_token: str = setting(markers.BOS, "Marker added before every example.")
     eos_token: str = setting(markers.EOS, "Marker added after every example; generation stops at it.")
     pad_token: str = setting(markers.PAD, "Padding marker.")
-    report_to: list[str] = setting(
-        help="Trackers for Trainer, e.g. tensorboard,wandb (comma-separated on the command line).", factory=list, shown="none")
+    report_to: list[str] = setting(help="Trackers for Trainer, e.g. tensorboard,wandb (comma-separated on the command line).", factory=list, shown="none")
     # Speed and memory techniques (benchmarks/README.md measures each one):
     gradient_checkpointing: Optional[bool] = speed_setting(
-        None, "Recompute activations in the backward pass instead of keeping them.", shown="on for lora/8bit, off for full")
-    checkpoint_layers: float = speed_setting(
-        1.0, "Share of the layers gradient checkpointing recomputes, from the first; the rest keep their activations.")
+        None, "Recompute activations in the backward pass instead of keeping them.", shown="on for lora/8bit, off for full"
+    )
+    checkpoint_layers: Optional[float] = speed_setting(
+        None,
+        "Share of the layers gradient checkpointing recomputes, from the first; the rest keep their activations.",
+        shown="0.25 for lora, 1 otherwise",
+    )
     packing: bool = speed_setting(True, "Padding-free batches: examples end to end in one row, attention kept within each.")
     attention_per_example: bool = speed_setting(True, "Packed batches: causal attention per example, not one masked (N, N) matrix.")
     fused_loss: Optional[bool] = speed_setting(
-        None, "Output layer and cross-entropy in chunks, without the full logits.", shown="on for lora/8bit, off for full")
+        None, "Output layer and cross-entropy in chunks, without the full logits.", shown="on for lora/8bit, off for full"
+    )
     optim: str = speed_setting("adamw_torch_fused", "Optimizer: any name transformers' TrainingArguments takes.")
     attention_dropout: Optional[float] = speed_setting(
-        0.0, "Attention dropout; null (YAML) keeps the model's own (GPT-2: 0.1, which forces unfused attention).")
+        0.0, "Attention dropout; null (YAML) keeps the model's own (GPT-2: 0.1, which forces unfused attention)."
+    )
     frozen_bf16: bool = speed_setting(True, "lora/8bit under bf16: frozen weights stored in bf16 (what autocast would cast them to).")
     fused_activations: bool = speed_setting(True, "GPT-2's gelu_new as one kernel (gelu_pytorch_tanh): less memory, same function.")
     fast_token_rows: bool = speed_setting(True, "lora/8bit: new-token rows applied directly, not via a copy of the whole matrix.")
@@ -135,7 +141,10 @@ class TrainConfig:
     sample_decoder: str = sample_setting("topk", "Decoder of those samples; 'peftgen decoders' lists them.")
     sample_options: dict = sample_setting(
         help="Options of sample_decoder, e.g. {k: 50}; on the command line --sample-option k=50, repeatable.",
-        factory=dict, shown="the decoder's own", flag="--sample-option")
+        factory=dict,
+        shown="the decoder's own",
+        flag="--sample-option",
+    )
     sample_count: int = sample_setting(2, "Samples per round.")
     sample_max_new_tokens: int = sample_setting(64, "Most tokens per sample.")
     sample_prompt: Optional[str] = sample_setting(None, "Text the samples continue.", shown="the bos_token")
@@ -157,6 +166,14 @@ class TrainConfig:
         return self.gradient_checkpointing if self.gradient_checkpointing is not None else self.mode != "full"
 
     @property
+    def checkpointed_share(self) -> float:
+        """Share of the layers recomputed when checkpointing: a quarter for LoRA, where the benchmark
+        ran 1.17x faster than with all of them, within half of full's memory (benchmarks/README.md); all of them otherwise."""
+        if self.checkpoint_layers is not None:
+            return self.checkpoint_layers
+        return 0.25 if self.mode == "lora" else 1.0
+
+    @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.mode]
 
@@ -166,9 +183,7 @@ class TrainConfig:
         if self.mode not in MODES:
             raise PeftgenError(f"Unknown mode {short(self.mode)}. Choose one of: {', '.join(MODES)}.")
         if self.precision not in PRECISIONS:
-            raise PeftgenError(
-                f"Unknown precision {short(self.precision)}. Choose one of: {', '.join(PRECISIONS)}."
-            )
+            raise PeftgenError(f"Unknown precision {short(self.precision)}. Choose one of: {', '.join(PRECISIONS)}.")
         if not self.train_file:
             raise PeftgenError("No training data: pass --train-file FILE (or train_file: in the YAML).")
         if not self.text_field.strip():
@@ -212,8 +227,7 @@ class TrainConfig:
             token = getattr(self, name)
             if not token or token != token.strip() or "\n" in token or "\r" in token:
                 raise PeftgenError(
-                    f"{name} must be a non-empty marker without surrounding whitespace or line breaks, "
-                    f"got {short(token)}. Default: {FIELDS[name].default}."
+                    f"{name} must be a non-empty marker without surrounding whitespace or line breaks, got {short(token)}. Default: {FIELDS[name].default}."
                 )
         if len({self.bos_token, self.eos_token, self.pad_token}) != 3:
             raise PeftgenError("bos_token, eos_token and pad_token must be three different strings.")
@@ -252,16 +266,12 @@ def _check_finite_and_clean(config: TrainConfig) -> None:
 
 
 def _check_speed(config: TrainConfig) -> None:
-    if not 0 < config.checkpoint_layers <= 1:
+    if config.checkpoint_layers is not None and not 0 < config.checkpoint_layers <= 1:
         raise PeftgenError(
-            f"checkpoint_layers is the share of layers recomputed, in (0, 1], got {config.checkpoint_layers:g}; "
-            "for none, set gradient_checkpointing: false."
+            f"checkpoint_layers is the share of layers recomputed, in (0, 1], got {config.checkpoint_layers:g}; for none, set gradient_checkpointing: false."
         )
     if config.attention_dropout is not None and not 0 <= config.attention_dropout < 1:
-        raise PeftgenError(
-            f"attention_dropout is a probability in [0, 1), got {config.attention_dropout:g}; "
-            "or null to keep the model's own."
-        )
+        raise PeftgenError(f"attention_dropout is a probability in [0, 1), got {config.attention_dropout:g}; or null to keep the model's own.")
     from transformers.training_args import OptimizerNames
 
     names = [o.value for o in OptimizerNames]
@@ -299,15 +309,11 @@ def _check_report_to(names: list[str]) -> None:
 
     for name in wanted:
         if name not in INTEGRATION_TO_CALLBACK:
-            raise PeftgenError(
-                f"Unknown report_to {short(name)}. Choose from: {', '.join(sorted(INTEGRATION_TO_CALLBACK))} (or none)."
-            )
+            raise PeftgenError(f"Unknown report_to {short(name)}. Choose from: {', '.join(sorted(INTEGRATION_TO_CALLBACK))} (or none).")
     available = get_available_reporting_integrations()
     for name in wanted:
         if name not in available:
-            raise PeftgenError(
-                f"report_to {name} needs its package, which is not installed: pip install {_REPORT_TO_PACKAGES.get(name, name)}"
-            )
+            raise PeftgenError(f"report_to {name} needs its package, which is not installed: pip install {_REPORT_TO_PACKAGES.get(name, name)}")
 
 
 def type_name(hint) -> str:
@@ -351,9 +357,7 @@ def _check_type(key: str, value: Any, hint, where: str) -> Any:
         return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
     elif isinstance(value, hint):
         return value
-    raise PeftgenError(
-        f"{where}: '{key}' must be {type_name(hint)}, got {short(value)} ({type(value).__name__})."
-    )
+    raise PeftgenError(f"{where}: '{key}' must be {type_name(hint)}, got {short(value)} ({type(value).__name__}).")
 
 
 def apply(config: TrainConfig, values: Mapping[str, Any], where: str) -> TrainConfig:
@@ -421,10 +425,7 @@ def load(config: TrainConfig | str | Path | Mapping[str, Any]) -> TrainConfig:
 
 def save(config: TrainConfig, path: Path) -> None:
     """Write the settings as a YAML file that ``peftgen train -c`` reads back as it is."""
-    header = (
-        "# The settings of a peftgen run, every one. Train it again with:\n"
-        f"#   peftgen train -c {path.name} --output-dir NEW_FOLDER\n"
-    )
+    header = f"# The settings of a peftgen run, every one. Train it again with:\n#   peftgen train -c {path.name} --output-dir NEW_FOLDER\n"
     path.write_text(header + yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
 
 

@@ -34,6 +34,7 @@ never meets an old cache. A cache is built in a ``.NAME.partial-PID`` folder
 and renamed into place when whole, so a failed or killed build leaves nothing
 that looks finished (the next run removes its remains and builds again).
 """
+
 from __future__ import annotations
 
 import csv
@@ -185,7 +186,7 @@ def describe(spec: str | os.PathLike, what: str, text_field: str = "text", split
 def _describe_hub(spec: str, what: str, text_field: str, split: str | None) -> Source:
     from peftgen.model.sources import hub_reachable
 
-    name = spec[len(HUB):]
+    name = spec[len(HUB) :]
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
         raise PeftgenError(f"{short(spec)} is not a Hub dataset id. Write hub:owner/name, e.g. hub:stanfordnlp/imdb.")
     if not hub_reachable():
@@ -228,7 +229,7 @@ def _open_dataset(source: Source, split: str | None) -> None:
         if source.kind == "disk":
             loaded = datasets.load_from_disk(source.spec)
         else:
-            loaded = datasets.load_dataset(source.spec[len(HUB):])
+            loaded = datasets.load_dataset(source.spec[len(HUB) :])
     except (OSError, ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
         raise PeftgenError(f"Cannot load the {source.what} {source.spec}: {first_line(error, 300)}.") from None
     if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
@@ -247,8 +248,7 @@ def _check_column(source: Source, columns: list[str], dtype: str) -> None:
         )
     if dtype not in ("string", "large_string", "str"):
         raise PeftgenError(
-            f"The {source.what} {source.spec}: column {short(source.text_field)} holds {dtype or 'not text'}, "
-            "not text. Pick the text column with --text-field."
+            f"The {source.what} {source.spec}: column {short(source.text_field)} holds {dtype or 'not text'}, not text. Pick the text column with --text-field."
         )
 
 
@@ -318,8 +318,9 @@ def _json_rows(source: Source) -> Iterator[tuple[int, Any]]:
         try:
             items = json.loads(path.read_bytes())
         except ValueError as error:
-            raise PeftgenError(f"The {source.what} {path} is not valid JSON ({first_line(error, 300)}). "
-                               "Give JSON lines (one object a line) or one array of objects.") from None
+            raise PeftgenError(
+                f"The {source.what} {path} is not valid JSON ({first_line(error, 300)}). Give JSON lines (one object a line) or one array of objects."
+            ) from None
         for number, item in enumerate(items if isinstance(items, list) else [items], start=1):
             yield number, _field(item, name)
         return
@@ -370,8 +371,7 @@ def _csv_rows(source: Source) -> Iterator[tuple[int, Any]]:
                 if not row:
                     continue
                 # line_num is the line the row ends on, which is where an editor finds it.
-                yield reader.line_num, row[index] if index < len(row) else _Bad(
-                    f"no {source.text_field!r} value (the row has {len(row)} columns)")
+                yield reader.line_num, row[index] if index < len(row) else _Bad(f"no {source.text_field!r} value (the row has {len(row)} columns)")
         except UnicodeDecodeError as error:
             raise PeftgenError(
                 f"The {source.what} {source.path} is not UTF-8 text (after line {reader.line_num}: byte {error.start} "
@@ -410,8 +410,7 @@ def _parquet_rows(source: Source) -> Iterator[tuple[int, Any]]:
                 yield number, value
     except (pa.ArrowException, OSError) as error:
         raise PeftgenError(
-            f"Cannot read the {source.what} {source.path} as parquet (after row {number}): {first_line(error, 300)}. "
-            "Is the file complete? Write it again."
+            f"Cannot read the {source.what} {source.path} as parquet (after row {number}): {first_line(error, 300)}. Is the file complete? Write it again."
         ) from None
 
 
@@ -444,7 +443,6 @@ class _Encoder:
             if len(ids) > 2:  # a line of markers alone teaches nothing
                 examples.append(ids)
         return {"input_ids": examples}
-
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
@@ -490,7 +488,7 @@ def _names(source: Source, tokenizer, max_length: int) -> tuple[str, str]:
     where = source.spec if source.kind == "hub" else str(source.path.resolve())
     settings = [PIPELINE, source.kind, where, source.text_field, source.split, max_length, tokenizer_identity(tokenizer)]
     family = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:10]
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(where).name if source.kind != "hub" else where[len(HUB):])[:40]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(where).name if source.kind != "hub" else where[len(HUB) :])[:40]
     version = hashlib.sha256(json.dumps([family, _content_version(source)]).encode()).hexdigest()[:12]
     return f"{stem}-{family}", f"{stem}-{family}-{version}"
 
@@ -583,8 +581,16 @@ def _build(source: Source, tokenizer, max_length: int, partial: Path, folder: Pa
             + (", empty, or was skipped" if warnings else "")
             + ". Each needs some text besides <BOS>/<EOS>."
         )
-    manifest = {"files": list(files), "examples": examples, "tokens": tokens, "warnings": warnings,
-                "source": source.spec, "max_length": max_length, "text_field": source.text_field, "split": source.split}
+    manifest = {
+        "files": list(files),
+        "examples": examples,
+        "tokens": tokens,
+        "warnings": warnings,
+        "source": source.spec,
+        "max_length": max_length,
+        "text_field": source.text_field,
+        "split": source.split,
+    }
     runs.write_text(partial / MANIFEST, json.dumps(manifest, indent=2))
     return Tokenized(partial, tuple(files), examples, tokens, tuple(warnings))
 
@@ -646,8 +652,11 @@ def _write_texts(source: Source, pad: str | None, folder: Path) -> tuple[list[tu
     finally:
         close()
     if not seen:
-        raise data.empty_error(source.spec, source.what) if source.kind == "text" else PeftgenError(
-            f"The {source.what} {source.spec} holds no rows. It needs one example per row.")
+        raise (
+            data.empty_error(source.spec, source.what)
+            if source.kind == "text"
+            else PeftgenError(f"The {source.what} {source.spec} holds no rows. It needs one example per row.")
+        )
     warnings = [_skip_warning(source, reason, numbers, counts[reason]) for reason, numbers in skipped.items()]
     if not written:
         first = next(iter(skipped))

@@ -18,6 +18,7 @@ but loses its ``<EOS>``, since it did not end there. A line holding the pad
 marker is skipped with a warning: its ``<PAD>`` would become a label, and the
 model would learn to emit padding.
 """
+
 from __future__ import annotations
 
 import os
@@ -69,10 +70,7 @@ def not_text_error(path: str | Path, what: str, kind: str, nul_line: int | None 
 
 
 def not_utf8_error(path: str | Path, what: str, byte: int, line: int) -> PeftgenError:
-    return PeftgenError(
-        f"The {what} {path} is not UTF-8 text (byte {byte}, line {line}). "
-        "Convert it to UTF-8, or clean it with 'peftgen prepare'."
-    )
+    return PeftgenError(f"The {what} {path} is not UTF-8 text (byte {byte}, line {line}). Convert it to UTF-8, or clean it with 'peftgen prepare'.")
 
 
 def empty_error(path: str | Path, what: str) -> PeftgenError:
@@ -119,9 +117,7 @@ def check_writable_folder(path: str | Path, what: str) -> None:
             raise PeftgenError(f"{what} {path} is a file, not a folder. Choose a folder path.")
         raise PeftgenError(f"{what} {path} cannot be created: {existing} is a file. Choose another path.")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise PeftgenError(
-            f"{what} {path} cannot be written: {existing} is read-only or not yours. Choose a folder you can write to."
-        )
+        raise PeftgenError(f"{what} {path} cannot be written: {existing} is read-only or not yours. Choose a folder you can write to.")
 
 
 def make_folder(path: str | Path, what: str) -> Path:
@@ -145,7 +141,7 @@ def strip_markers(line: str, bos: str, eos: str) -> str:
     """The text of a line without a leading bos marker and a trailing eos marker."""
     line = line.strip()
     if line.startswith(bos):
-        line = line[len(bos):]
+        line = line[len(bos) :]
     if line.endswith(eos):
         line = line[: -len(eos)]
     return line.strip()

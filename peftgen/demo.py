@@ -19,6 +19,7 @@
 The test split is never trained on: its books are disjoint from the training
 books, and the demo checks that no test line appears in the training file.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,8 +59,8 @@ class Sample:
 class DemoResult:
     output_dir: Path
     before: object  # peftgen.evaluation.EvalResult of the untrained baseline
-    after: object   # ... of the fine-tuned model
-    train: object   # peftgen.training.TrainResult
+    after: object  # ... of the fine-tuned model
+    train: object  # peftgen.training.TrainResult
     samples: list[Sample]
     seconds: dict[str, float] = field(default_factory=dict)
     table: str = ""
@@ -96,8 +97,13 @@ def generate_samples(model, tokenizer, max_new_tokens: int, seed: int) -> list[S
         options = SAMPLE_OPTIONS.get(name, {})
         decoder = build_decoder(info.cls, options)  # each decoder's own defaults, but for SAMPLE_OPTIONS
         completion = generate(
-            model, [[tokenizer.bos_token_id]], decoder, max_new_tokens=max_new_tokens,
-            stop_tokens=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, seed=seed,
+            model,
+            [[tokenizer.bos_token_id]],
+            decoder,
+            max_new_tokens=max_new_tokens,
+            stop_tokens=[tokenizer.eos_token_id],
+            pad_token_id=tokenizer.pad_token_id,
+            seed=seed,
         )[0][0]
         # Special tokens stay visible: an instruct model such as SmolLM2 may still
         # close a summary with its own end-of-turn token (<|im_end|>) instead of <EOS>.
@@ -117,20 +123,31 @@ def summary_table(result: DemoResult) -> str:
         ("", "before", "after"),
         ("test perplexity", f"{before.perplexity:.2f}", f"{after.perplexity:.2f}  ({change:+.0%})"),
         ("test loss (nats/token)", f"{before.loss:.3f}", f"{after.loss:.3f}"),
-        ("trainable parameters", "", f"{train.trainable_params:,} of {train.total_params:,} "
-                                      f"({train.trainable_params / train.total_params:.1%})"),
-        ("training time", "", f"{_fmt_seconds(result.seconds['train'])} ({train.precision}, "
-                               f"{train.metrics.get('train_samples_per_second', 0) * 60:.0f} examples/min)"),
-        ("total time", "", f"{_fmt_seconds(result.seconds['total'])} (setup {_fmt_seconds(result.seconds['setup'])}, "
-                           f"baseline {_fmt_seconds(result.seconds['baseline'])}, "
-                           f"evaluation {_fmt_seconds(result.seconds['evaluate'])}, "
-                           f"samples {_fmt_seconds(result.seconds['generate'])}, "
-                           f"comparison {_fmt_seconds(result.seconds['compare'])})"),
+        ("trainable parameters", "", f"{train.trainable_params:,} of {train.total_params:,} ({train.trainable_params / train.total_params:.1%})"),
+        (
+            "training time",
+            "",
+            f"{_fmt_seconds(result.seconds['train'])} ({train.precision}, {train.metrics.get('train_samples_per_second', 0) * 60:.0f} examples/min)",
+        ),
+        (
+            "total time",
+            "",
+            f"{_fmt_seconds(result.seconds['total'])} (setup {_fmt_seconds(result.seconds['setup'])}, "
+            f"baseline {_fmt_seconds(result.seconds['baseline'])}, "
+            f"evaluation {_fmt_seconds(result.seconds['evaluate'])}, "
+            f"samples {_fmt_seconds(result.seconds['generate'])}, "
+            f"comparison {_fmt_seconds(result.seconds['compare'])})",
+        ),
         ("samples ending at <EOS>", "", f"{sum(s.finish_reason == 'stop' for s in result.samples)} of {len(result.samples)}"),
     ]
     if result.eos_rates:
-        rows.append(("<EOS> rate while training", "", " → ".join(f"{rate:.0%}" for _, rate in result.eos_rates)
-                     + f" (steps {', '.join(str(step) for step, _ in result.eos_rates)})"))
+        rows.append(
+            (
+                "<EOS> rate while training",
+                "",
+                " → ".join(f"{rate:.0%}" for _, rate in result.eos_rates) + f" (steps {', '.join(str(step) for step, _ in result.eos_rates)})",
+            )
+        )
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(f"{a:<{width[0]}}  {b:>{width[1]}}  {c}".rstrip() for a, b, c in rows)
 
@@ -140,15 +157,26 @@ def _results_markdown(result: DemoResult, model: str, recipe: Path, overrides: M
 
     changed = f", with `{dict(overrides)}`" if overrides else ""
     lines = [
-        "# peftgen demo results", "",
-        f"Model: `{model}`  ", f"Test examples: {result.before.tokens:,} scored tokens  ",
-        f"Recipe: `{recipe}`{changed}; the run's settings: `{result.train.output_dir / 'peftgen.yaml'}`", "",
-        "```", result.table, "```", "",
-        f"Loss curves and the <EOS> rate of the training samples: `{result.train.loss_plot}`", "",
-        "## Decoders compared", "",
-        f"`peftgen compare`, {result.comparison[0].samples if result.comparison else 0} samples per decoder "
-        "from `<BOS>`, the same seeds for each:", "",
-        compare_lib.table(result.comparison, markdown=True), "", "## Samples from `<BOS>`", "",
+        "# peftgen demo results",
+        "",
+        f"Model: `{model}`  ",
+        f"Test examples: {result.before.tokens:,} scored tokens  ",
+        f"Recipe: `{recipe}`{changed}; the run's settings: `{result.train.output_dir / 'peftgen.yaml'}`",
+        "",
+        "```",
+        result.table,
+        "```",
+        "",
+        f"Loss curves and the <EOS> rate of the training samples: `{result.train.loss_plot}`",
+        "",
+        "## Decoders compared",
+        "",
+        f"`peftgen compare`, {result.comparison[0].samples if result.comparison else 0} samples per decoder from `<BOS>`, the same seeds for each:",
+        "",
+        compare_lib.table(result.comparison, markdown=True),
+        "",
+        "## Samples from `<BOS>`",
+        "",
     ]
     for s in result.samples:
         end = "ended at <EOS>" if s.finish_reason == "stop" else f"stopped at the length limit ({s.tokens} tokens)"
@@ -198,19 +226,28 @@ def run(
 
     echo("[2/8] Data")
     prepared = preparation.prepare(
-        data, out / "data", tokenizer=tokenizer, max_tokens=settings.max_length, long="chunk",
-        seed=settings.seed, overwrite=True,
+        data,
+        out / "data",
+        tokenizer=tokenizer,
+        max_tokens=settings.max_length,
+        long="chunk",
+        seed=settings.seed,
+        overwrite=True,
     )
     echo("      " + preparation.report(prepared).replace("\n", "\n      "))
     files = prepared.files
     _check_disjoint(files["train"], files["test"])
-    settings = dataclasses.replace(settings, model=source, train_file=str(files["train"]),
-                                   valid_file=str(files["valid"]), output_dir=str(out / "lora"))
+    settings = dataclasses.replace(settings, model=source, train_file=str(files["train"]), valid_file=str(files["valid"]), output_dir=str(out / "lora"))
     seconds["setup"] = time.perf_counter() - started
 
     score = lambda m, t: evaluation.evaluate(  # noqa: E731
-        m, files["test"], tokenizer=t, batch_size=eval_batch_size, max_length=settings.max_length,
-        precision=settings.precision, progress=progress,
+        m,
+        files["test"],
+        tokenizer=t,
+        batch_size=eval_batch_size,
+        max_length=settings.max_length,
+        precision=settings.precision,
+        progress=progress,
     )
 
     echo("[3/8] Baseline: the base model with <BOS>/<EOS>/<PAD> added, untrained")
@@ -246,8 +283,13 @@ def run(
     echo(f"\n[7/8] Decoders compared, {compare_samples} samples each (peftgen compare)")
     tick = time.perf_counter()
     comparison = compare_lib.compare(
-        tuned, tuned_tokenizer, options=SAMPLE_OPTIONS, num_samples=compare_samples,
-        max_new_tokens=max_new_tokens, seed=settings.seed, progress=lambda line: echo(f"      {line}"),
+        tuned,
+        tuned_tokenizer,
+        options=SAMPLE_OPTIONS,
+        num_samples=compare_samples,
+        max_new_tokens=max_new_tokens,
+        seed=settings.seed,
+        progress=lambda line: echo(f"      {line}"),
     )
     seconds["compare"] = time.perf_counter() - tick
     echo(compare_lib.table(comparison))

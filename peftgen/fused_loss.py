@@ -21,6 +21,7 @@ With PEFT's trainable token rows (LoRA and 8-bit runs), the head's weight is
 the frozen base matrix except rows ``index``, which come from a small
 trainable ``delta``: only ``delta`` gets a gradient, never the 50k x C base.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,7 +37,18 @@ CHUNK = 256  # label positions per pass of head + softmax: 256 x 50k in fp32 is 
 # softcapping, logit scale or bias after the head. Others keep transformers'
 # own loss.
 PLAIN_HEAD_MODELS = {
-    "gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo", "olmo2", "gpt_neox", "gptj", "opt",
+    "gpt2",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "smollm3",
+    "olmo",
+    "olmo2",
+    "gpt_neox",
+    "gptj",
+    "opt",
 }
 
 

@@ -1,11 +1,12 @@
 """The hooks a peftgen plugin can implement. There is one.
 
-    from peftgen import hookimpl
+from peftgen import hookimpl
 
-    @hookimpl
-    def register_decoders(register):
-        register(MyDecoder)
+@hookimpl
+def register_decoders(register):
+    register(MyDecoder)
 """
+
 import pluggy
 
 hookspec = pluggy.HookspecMarker("peftgen")

@@ -5,6 +5,7 @@
 Nothing is quieted by importing a peftgen module: a program that uses peftgen
 as a library keeps every log line and warning unless it calls this.
 """
+
 from __future__ import annotations
 
 import logging

@@ -3,6 +3,7 @@
 They are the defaults of ``bos_token``, ``eos_token`` and ``pad_token``; a
 run may choose others, and its saved tokenizer then holds those.
 """
+
 BOS = "<BOS>"
 EOS = "<EOS>"
 PAD = "<PAD>"

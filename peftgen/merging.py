@@ -5,6 +5,7 @@
 The folder loads with ``AutoModelForCausalLM.from_pretrained(DIR)``, no peft
 needed, and its logits match the unmerged run's.
 """
+
 from __future__ import annotations
 
 import shutil

@@ -1,4 +1,5 @@
 """Plots as PNGs: loss curves from Trainer's log history, and decoders side by side."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -65,7 +66,7 @@ def decoder_bars(decoders: list[str], metrics: dict[str, list], path: Path) -> P
         ax.set_xticks(range(len(decoders)), decoders, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    for ax in list(axes.flat)[len(shown):]:
+    for ax in list(axes.flat)[len(shown) :]:
         ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path)

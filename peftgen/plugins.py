@@ -7,6 +7,7 @@ Built-ins are modules registered by the same call that loads the entry-point
 group ``peftgen`` of installed distributions. A plugin that fails to import
 is skipped with a warning naming it; the others still work.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -122,10 +123,7 @@ def get_decoder(name: str, decoders: dict[str, DecoderInfo] | None = None) -> De
     """The decoder called ``name`` (from ``decoders``, default all registered), or an error listing them."""
     decoders = get_decoders() if decoders is None else decoders
     if name not in decoders:
-        raise PeftgenError(
-            f"Unknown decoder '{name}'. Available: {', '.join(sorted(decoders))} "
-            "(installed plugins add more; see 'peftgen decoders')."
-        )
+        raise PeftgenError(f"Unknown decoder '{name}'. Available: {', '.join(sorted(decoders))} (installed plugins add more; see 'peftgen decoders').")
     return decoders[name]
 
 

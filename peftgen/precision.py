@@ -1,4 +1,5 @@
 """Which numeric precision a run uses: ``--precision auto|fp32|bf16|fp16``."""
+
 from __future__ import annotations
 
 import torch

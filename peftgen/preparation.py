@@ -30,6 +30,7 @@ instead cut at sentence ends into several complete examples (``--long chunk``),
 reduced to its opening sentences (``first``), or dropped (``skip``). The pieces
 of one summary always land in the same split.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -70,7 +71,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1b\x7f]")
 
 @dataclass(frozen=True)
 class BadRow:
-    line: int      # 1-based line number in the input
+    line: int  # 1-based line number in the input
     reason: str
 
 
@@ -94,11 +95,11 @@ class PrepareResult:
     output_dir: Path
     format: str
     files: dict[str, Path]
-    examples: dict[str, int]             # lines written per split
-    sources: dict[str, int]              # input rows behind them, per split
+    examples: dict[str, int]  # lines written per split
+    sources: dict[str, int]  # input rows behind them, per split
     skipped: list[BadRow] = field(default_factory=list)
     lengths: dict[str, LengthStats] = field(default_factory=dict)  # "chars", "words", "tokens"
-    long_rows: int = 0                   # rows over --max-tokens (chunked, shortened or dropped)
+    long_rows: int = 0  # rows over --max-tokens (chunked, shortened or dropped)
     max_tokens: int | None = None
     long: str = "chunk"
 
@@ -120,10 +121,7 @@ def parse_split(spec: str | tuple[float, ...]) -> tuple[float, float, float]:
     except ValueError:
         parts = ()
     if len(parts) != 3 or not all(0 <= p <= 1 for p in parts) or abs(sum(parts) - 1) > 1e-6 or parts[0] == 0:
-        raise PeftgenError(
-            f"Invalid split {short(spec)}: give three fractions for train,valid,test that sum to 1 "
-            "with train above 0, e.g. --split 0.7,0.2,0.1"
-        )
+        raise PeftgenError(f"Invalid split {short(spec)}: give three fractions for train,valid,test that sum to 1 with train above 0, e.g. --split 0.7,0.2,0.1")
     return parts  # type: ignore[return-value]
 
 
@@ -142,6 +140,7 @@ def split_sizes(n: int, fractions: tuple[float, float, float]) -> tuple[int, int
 
 
 # Reading -------------------------------------------------------------------
+
 
 def _lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
     """(line number, byte offset, raw line without its newline), streaming."""
@@ -285,8 +284,7 @@ def chunk(text: str, counter: TokenCounter, max_tokens: int) -> list[str]:
 
 # Compressed input ------------------------------------------------------------
 
-_TEXT_NEEDED = ("Give UTF-8 text: booksummaries.txt, one example a line, or JSONL "
-                "(also as .gz, .bz2, .xz or in a tar archive).")
+_TEXT_NEEDED = "Give UTF-8 text: booksummaries.txt, one example a line, or JSONL (also as .gz, .bz2, .xz or in a tar archive)."
 
 
 def _tar_member(archive: tarfile.TarFile, source: Path) -> tarfile.TarInfo:
@@ -345,6 +343,7 @@ def plain_text(source: Path) -> Iterator[Path]:
 
 # Writing -------------------------------------------------------------------
 
+
 class SplitWriter:
     """Writes one split as its file's extension says: ``.txt`` lines ``<BOS> text <EOS>``, JSONL objects
     ``{"text": ...}`` or a parquet column ``text`` (the plain text: the markers are a text-file convention)."""
@@ -391,6 +390,7 @@ class SplitWriter:
 
 
 # The job -------------------------------------------------------------------
+
 
 def _load_tokenizer(tokenizer):
     """A tokenizer object as it is; a model folder, run, .gguf file or Hub id: its tokenizer."""
@@ -446,9 +446,19 @@ def prepare(
         return _prepare_text(text, source, out, files, format, text_field, fractions, seed, counter, max_tokens, long)
 
 
-def _prepare_text(text: Path, source: Path, out: Path, files: dict[str, Path], format: str, text_field: str,
-                  fractions: tuple[float, float, float], seed: int, counter: TokenCounter | None,
-                  max_tokens: int | None, long: str) -> PrepareResult:
+def _prepare_text(
+    text: Path,
+    source: Path,
+    out: Path,
+    files: dict[str, Path],
+    format: str,
+    text_field: str,
+    fractions: tuple[float, float, float],
+    seed: int,
+    counter: TokenCounter | None,
+    max_tokens: int | None,
+    long: str,
+) -> PrepareResult:
     """The two passes over ``text``, the plain-text content of ``source`` (named in messages)."""
     with open(text, "rb") as f:
         kind = data.not_text_reason(f.read(8192))
@@ -479,8 +489,7 @@ def _prepare_text(text: Path, source: Path, out: Path, files: dict[str, Path], f
     if not_text > NOT_TEXT_SHARE * rows:
         first = next(row for row in skipped if row.reason.startswith(("undecodable", "not text")))
         raise PeftgenError(
-            f"{source} is not text: {not_text} of its {rows} lines are not UTF-8 text "
-            f"(first: line {first.line}: {first.reason}). {_TEXT_NEEDED}"
+            f"{source} is not text: {not_text} of its {rows} lines are not UTF-8 text (first: line {first.line}: {first.reason}). {_TEXT_NEEDED}"
         )
     if not offsets:
         raise PeftgenError(
@@ -507,7 +516,7 @@ def _prepare_text(text: Path, source: Path, out: Path, files: dict[str, Path], f
         with open(text, "rb") as f:
             for k, name in enumerate(SPLITS):
                 with SplitWriter(temporary[name], files[name].suffix) as w:
-                    for offset in offsets[bounds[k]:bounds[k + 1]]:
+                    for offset in offsets[bounds[k] : bounds[k + 1]]:
                         f.seek(offset)
                         line = parse_line(f.readline().rstrip(b"\r\n"), fmt, text_field)
                         pieces = [line]
@@ -556,14 +565,11 @@ def report(result: PrepareResult, max_listed: int = 20) -> str:
             more = f" and {len(numbers) - max_listed} more" if len(numbers) > max_listed else ""
             lines.append(f"  {reason}: line(s) {shown}{more} ({len(numbers)})")
     if result.long_rows:
-        done = {"chunk": "cut at sentence ends into pieces that fit", "first": "shortened to their opening sentences",
-                "skip": "dropped"}[result.long]
+        done = {"chunk": "cut at sentence ends into pieces that fit", "first": "shortened to their opening sentences", "skip": "dropped"}[result.long]
         lines.append(f"{result.long_rows} row(s) longer than {result.max_tokens} tokens were {done} (--long {result.long})")
     lines.append("Examples per split:")
     for name in SPLITS:
-        lines.append(
-            f"  {name:<5} {result.examples[name]:>7}  (from {result.sources[name]} input rows)  {result.files[name]}"
-        )
+        lines.append(f"  {name:<5} {result.examples[name]:>7}  (from {result.sources[name]} input rows)  {result.files[name]}")
     if result.lengths:
         lines.append("Length per example    min  median     p90     max")
         for unit, s in result.lengths.items():

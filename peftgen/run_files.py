@@ -10,6 +10,7 @@ Runs saved before run.json existed kept their facts (and ``resume`` /
 ``overwrite``) in peftgen.yaml; they load as before, and ``read_run_facts``
 finds their facts there.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,10 +50,7 @@ def read_run_config(path: str | Path) -> dict:
         raise PeftgenError(f"{file} is damaged ({reason}). Restore it from a copy, or train the run again.") from None
     missing = [key for key in ("model", "mode") if not isinstance(settings, dict) or not isinstance(settings.get(key), str)]
     if missing:
-        raise PeftgenError(
-            f"{file} is incomplete: it has no {' or '.join(missing)}. "
-            "Restore it from a copy, or train the run again."
-        )
+        raise PeftgenError(f"{file} is incomplete: it has no {' or '.join(missing)}. Restore it from a copy, or train the run again.")
     if settings["mode"] not in ("full", "lora", "8bit"):
         raise PeftgenError(f"{file} names an unknown mode {settings['mode'][:40]!r}: the file is damaged.")
     return settings

@@ -15,6 +15,7 @@ always whole, and ``--resume`` picks the newest whole one.
 Under torchrun or ``accelerate launch`` the main process alone touches the
 folder; ``Processes.on_main`` hands its answer, or its error, to the others.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,16 @@ from peftgen.errors import PeftgenError
 
 STAGING = ".saving"  # checkpoints and the final model are written here, then renamed into place
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "model.safetensors.index.json",
-            "pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model_fsdp", "global_step")
+_WEIGHTS = (
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "pytorch_model_fsdp",
+    "global_step",
+)
 
 
 def note(text: str) -> None:
@@ -188,10 +197,7 @@ def plan(output_dir: str | Path, *, resume: bool = False, overwrite: bool = Fals
             raise PeftgenError(f"Nothing to resume in {folder}: it holds no checkpoint-N folder. Drop --resume to start a new run.")
         return RunFolder(folder, folder, published=True, resume_from=resume_point(folder))
     if holds_run and not overwrite:
-        raise PeftgenError(
-            f"{folder} already holds a peftgen run. Pass --overwrite to replace it, "
-            "--resume to continue it, or choose another --output-dir."
-        )
+        raise PeftgenError(f"{folder} already holds a peftgen run. Pass --overwrite to replace it, --resume to continue it, or choose another --output-dir.")
     if existing and not holds_run:
         raise PeftgenError(
             f"{folder} is not empty and is not a peftgen run ({len(existing)} entries, e.g. {existing[0].name}). "

@@ -14,6 +14,7 @@ Sampling leaves training exactly as it was: the decoder draws from its own
 rounds differ only by the model), never from the global RNG that dropout and
 shuffling use; no gradient is recorded; the model goes back to training mode.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,8 @@ SAMPLES_FILE = "samples.jsonl"
 def build_decoder(config):
     """The configured decoder, checked against the sampling settings (raises PeftgenError)."""
     from peftgen import plugins
-    from peftgen.generation import build_decoder as build, check_request
+    from peftgen.generation import build_decoder as build
+    from peftgen.generation import check_request
 
     info = plugins.get_decoder(config.sample_decoder)
     decoder = build(info.cls, config.sample_options)
@@ -85,15 +87,27 @@ class SampleCallback(TrainerCallback):
         try:
             # generate() runs under inference_mode and draws only from a generator seeded here.
             completions = generate(
-                model, [self.prompt_ids], self.decoder, max_new_tokens=self.config.sample_max_new_tokens,
-                num_return_sequences=self.config.sample_count, stop_tokens=self.stops,
-                pad_token_id=self.tokenizer.pad_token_id, seed=self.config.seed,
+                model,
+                [self.prompt_ids],
+                self.decoder,
+                max_new_tokens=self.config.sample_max_new_tokens,
+                num_return_sequences=self.config.sample_count,
+                stop_tokens=self.stops,
+                pad_token_id=self.tokenizer.pad_token_id,
+                seed=self.config.seed,
             )[0]
         finally:
             model.train(was_training)
         return [
-            {"step": step, "decoder": self.config.sample_decoder, "options": self.options, "prompt": self.prompt,
-             "text": completion_text(self.tokenizer, c), "finish_reason": c.finish_reason, "new_tokens": len(c.token_ids)}
+            {
+                "step": step,
+                "decoder": self.config.sample_decoder,
+                "options": self.options,
+                "prompt": self.prompt,
+                "text": completion_text(self.tokenizer, c),
+                "finish_reason": c.finish_reason,
+                "new_tokens": len(c.token_ids),
+            }
             for c in completions
         ]
 
@@ -104,15 +118,14 @@ class SampleCallback(TrainerCallback):
         if not (args.fsdp or is_deepspeed_zero3_enabled()):
             return False
         if not self._warned:
-            warnings.warn("sample_every is ignored under FSDP / DeepSpeed ZeRO-3: their sharded weights cannot sample on one process.")
+            warnings.warn("sample_every is ignored under FSDP / DeepSpeed ZeRO-3: their sharded weights cannot sample on one process.", stacklevel=2)
             self._warned = True
         return True
 
     def _to_trackers(self, samples: list[dict], step: int) -> None:
         """Samples as text in the trackers of report_to that show text: TensorBoard and Weights & Biases."""
         table = "| # | finish | text |\n|---|---|---|\n" + "\n".join(
-            f"| {i} | {s['finish_reason']} | {s['text'].replace('|', '&#124;').replace(chr(10), ' ')} |"
-            for i, s in enumerate(samples, 1)
+            f"| {i} | {s['finish_reason']} | {s['text'].replace('|', '&#124;').replace(chr(10), ' ')} |" for i, s in enumerate(samples, 1)
         )
         for callback in self.trainer.callback_handler.callbacks:
             writer = getattr(callback, "tb_writer", None)

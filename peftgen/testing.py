@@ -13,6 +13,7 @@ cannot apply to a decoder says so with a ``ConformanceWarning`` (pytest lists
 it in its warnings summary). The built-in decoders pass them; see
 tests/test_decoders.py.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,9 +51,7 @@ def check_decoder(cls: type, **options: Any) -> None:
 
 def check_class(cls: type) -> None:
     """A name, a docstring, and options whose defaults survive the -o string conversion."""
-    assert isinstance(cls, type) and issubclass(cls, (TokenDecoder, SequenceDecoder)), (
-        f"{cls!r} must subclass peftgen.TokenDecoder or peftgen.SequenceDecoder"
-    )
+    assert isinstance(cls, type) and issubclass(cls, (TokenDecoder, SequenceDecoder)), f"{cls!r} must subclass peftgen.TokenDecoder or peftgen.SequenceDecoder"
     assert isinstance(cls.name, str) and cls.name, f"{cls.__name__} needs a class attribute name = '...' (what --decoder takes)"
     assert cls.__doc__ and cls.__doc__.strip() and cls.__doc__ not in (TokenDecoder.__doc__, SequenceDecoder.__doc__), (
         f"{cls.__name__} needs a docstring: 'peftgen decoders' shows it"
@@ -137,17 +136,19 @@ def check_batch_of_one(decoder) -> None:
         n = _returns(decoder)
         per_row = _run(RowByRow(decoder, seeds=range(len(PROMPTS) * n)), seed=0)
         _check_prompts_alone(
-            per_row, lambda i, prompt: _run(RowByRow(decoder, seeds=range(i * n, (i + 1) * n)), seed=0, prompts=[prompt])[0],
+            per_row,
+            lambda i, prompt: _run(RowByRow(decoder, seeds=range(i * n, (i + 1) * n)), seed=0, prompts=[prompt])[0],
             how="with a generator per row ",
             hint="; select() must read only its own row of ctx.tokens, and only where ctx.attention_mask is 1 "
-                 "(prompts in a batch are left-padded, so ctx.tokens.shape[1] and ctx.prompt_length include padding)",
+            "(prompts in a batch are left-padded, so ctx.tokens.shape[1] and ctx.prompt_length include padding)",
         )
     else:
         warnings.warn(
             f"check_batch_of_one skipped for decoder '{decoder.name}': its completions change with the seed, and a "
             "sequence decoder draws every row of a batch from the one engine.generator, so a prompt's completions in "
             "a batch and alone are different draws that cannot be compared token for token.",
-            ConformanceWarning, stacklevel=2,
+            ConformanceWarning,
+            stacklevel=2,
         )
 
 
@@ -158,7 +159,8 @@ def _check_prompts_alone(batch, alone_of, how: str = "", hint: str = "") -> None
         assert _tokens([batch[i]]) == _tokens([alone]), f"prompt {i} {how}gives {batch[i]} in a batch but {alone} alone{hint}"
         for in_batch, single in zip(batch[i], alone):  # padding may move scores in the last float bits only
             if in_batch.score is not None:
-                assert abs(in_batch.score - single.score) <= 1e-4 * max(1.0, abs(single.score)), f"prompt {i}: score {in_batch.score} in a batch, {single.score} alone"
+                close = abs(in_batch.score - single.score) <= 1e-4 * max(1.0, abs(single.score))
+                assert close, f"prompt {i}: score {in_batch.score} in a batch, {single.score} alone"
 
 
 def check_stop_tokens(decoder) -> None:
@@ -173,7 +175,8 @@ def check_stop_tokens(decoder) -> None:
         for completion in completions:
             ids = completion.token_ids
             if completion.finish_reason == "stop":
-                assert ids and ids[-1] == stop and stop not in ids[:-1], f"prompt {p}: finish 'stop' but token_ids {ids} do not end at the first stop token {stop}"
+                ends_at_stop = ids and ids[-1] == stop and stop not in ids[:-1]
+                assert ends_at_stop, f"prompt {p}: finish 'stop' but token_ids {ids} do not end at the first stop token {stop}"
             else:
                 assert completion.finish_reason == "length", f"prompt {p}: finish_reason {completion.finish_reason!r}, expected 'stop' or 'length'"
                 assert stop not in ids, f"prompt {p}: generation went on past the stop token {stop}: {ids}"
@@ -188,9 +191,9 @@ def check_stop_tokens(decoder) -> None:
 def isolated_plugins():
     """A fresh plugin manager for the duration; whatever is registered inside is forgotten after.
 
-        with isolated_plugins() as pm:
-            pm.register(MyPlugin(), name="mine")
-            ...  # get_decoders() and the CLI see built-ins, installed plugins and "mine"
+    with isolated_plugins() as pm:
+        pm.register(MyPlugin(), name="mine")
+        ...  # get_decoders() and the CLI see built-ins, installed plugins and "mine"
     """
     from peftgen import plugins
 
@@ -209,8 +212,7 @@ def tiny_model():
     if _MODEL is None:
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=1, n_head=2, initializer_range=0.3,
-            bos_token_id=0, eos_token_id=0)
+        config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=1, n_head=2, initializer_range=0.3, bos_token_id=0, eos_token_id=0)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             _MODEL = GPT2LMHeadModel(config).eval()
@@ -240,8 +242,9 @@ def bigram_model(table: torch.Tensor, position_bias: torch.Tensor | None = None)
     V = table.shape[0]
     P = 0 if position_bias is None else position_bias.shape[1]
     D = V + P + 1
-    config = GPT2Config(vocab_size=V, n_embd=D, n_layer=1, n_head=1, n_positions=P or 256, tie_word_embeddings=False,
-                        layer_norm_epsilon=0.0, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=V, n_embd=D, n_layer=1, n_head=1, n_positions=P or 256, tie_word_embeddings=False, layer_norm_epsilon=0.0, bos_token_id=0, eos_token_id=0
+    )
     with torch.random.fork_rng(devices=[]):
         model = GPT2LMHeadModel(config).eval()
     ones = 2 if P else 1  # ones in x: the token's, and the position's if there is a bias
@@ -334,8 +337,16 @@ def _returns(decoder) -> int:
 
 
 def _run(decoder, *, seed: int, prompts=PROMPTS, stop_tokens=(), matmul_layout="skinny"):
-    return generate(tiny_model(), prompts, decoder, max_new_tokens=MAX_NEW, num_return_sequences=_returns(decoder),
-                    stop_tokens=stop_tokens, seed=seed, matmul_layout=matmul_layout)
+    return generate(
+        tiny_model(),
+        prompts,
+        decoder,
+        max_new_tokens=MAX_NEW,
+        num_return_sequences=_returns(decoder),
+        stop_tokens=stop_tokens,
+        seed=seed,
+        matmul_layout=matmul_layout,
+    )
 
 
 def _tokens(results) -> list:

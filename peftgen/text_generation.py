@@ -9,6 +9,7 @@ max_new_tokens), and the decoder, options and seed that made it. A model
 trained by peftgen starts from ``<BOS>`` and stops at ``<EOS>`` by default.
 The token-level engine underneath is ``peftgen.generation.generate``.
 """
+
 from __future__ import annotations
 
 import os
@@ -102,16 +103,29 @@ def generate_text(
     results = []
     for start in range(0, len(texts), batch_size):
         completions = generate(
-            model, encoded[start : start + batch_size], strategy, max_new_tokens=max_new_tokens,
-            num_return_sequences=num_return_sequences, stop_tokens=stops, pad_token_id=pad, seed=seed + start,
+            model,
+            encoded[start : start + batch_size],
+            strategy,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=num_return_sequences,
+            stop_tokens=stops,
+            pad_token_id=pad,
+            seed=seed + start,
             on_token=on_token,
         )
         for text, sequences in zip(texts[start : start + batch_size], completions):
             for completion in sequences:
-                results.append(GeneratedText(
-                    text, completion_text(tokenizer, completion), completion.token_ids, completion.finish_reason,
-                    name, used, seed,
-                ))
+                results.append(
+                    GeneratedText(
+                        text,
+                        completion_text(tokenizer, completion),
+                        completion.token_ids,
+                        completion.finish_reason,
+                        name,
+                        used,
+                        seed,
+                    )
+                )
     return results
 
 

@@ -14,6 +14,7 @@ by ``h @ delta.T``. The adapter, its parameters and the saved files are
 PEFT's own and unchanged; tests/test_token_rows.py checks outputs and
 gradients against PEFT's forward.
 """
+
 from __future__ import annotations
 
 import types
@@ -27,9 +28,7 @@ def _slots(layer, name: str, vocab: int, device) -> torch.Tensor:
     cache = layer.__dict__.setdefault("_peftgen_slots", {})
     if name not in cache or cache[name].device != device or cache[name].shape[0] != vocab:
         slots = torch.full((vocab,), -1, dtype=torch.long, device=device)
-        slots[torch.tensor(layer.token_indices[name], device=device)] = torch.arange(
-            len(layer.token_indices[name]), device=device
-        )
+        slots[torch.tensor(layer.token_indices[name], device=device)] = torch.arange(len(layer.token_indices[name]), device=device)
         cache[name] = slots
     return cache[name]
 

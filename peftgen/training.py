@@ -10,6 +10,7 @@ adds what the article's script did by hand: the special tokens, the
 line-by-line data, perplexity next to every eval loss, a run folder that
 reproduces itself, and a PNG of the loss curves.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -323,8 +324,7 @@ def _sources(config: config_lib.TrainConfig) -> tuple[corpus.Source, corpus.Sour
 
 def _examples(config: config_lib.TrainConfig, tokenizer) -> tuple[corpus.Tokenized, corpus.Tokenized | None]:
     train, valid = _sources(config)
-    return (corpus.tokenize(train, tokenizer, config.max_length),
-            corpus.tokenize(valid, tokenizer, config.max_length) if valid else None)
+    return (corpus.tokenize(train, tokenizer, config.max_length), corpus.tokenize(valid, tokenizer, config.max_length) if valid else None)
 
 
 def _start_run(run: runs.RunFolder, config: config_lib.TrainConfig, facts: dict) -> None:

@@ -5,6 +5,7 @@ Every model here is built from a config plus the real GPT-2 tokenizer in
 Hugging Face Hub. The models are saved once per session as plain Hugging Face
 folders, exactly what a user would pass as ``--model``.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,9 +51,16 @@ def tiny_llama(tmp_path_factory) -> Path:
     from transformers import LlamaConfig
 
     config = LlamaConfig(
-        vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=False, bos_token_id=50256, eos_token_id=50256,
+        vocab_size=50257,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=50256,
+        eos_token_id=50256,
     )
     return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), config)
 
@@ -90,7 +98,8 @@ def make_run(tmp_path_factory, text_files):
 
     make_run("lora", base_folder, max_steps=6) -> Path of a finished run.
     """
-    from peftgen import config as config_lib, training as train_lib
+    from peftgen import config as config_lib
+    from peftgen import training as train_lib
 
     done: dict[tuple, Path] = {}
 
@@ -98,10 +107,21 @@ def make_run(tmp_path_factory, text_files):
         key = (mode, str(base), tuple(sorted(overrides.items())))
         if key not in done:
             settings = dict(
-                model=str(base), mode=mode, train_file=str(text_files["train"]),
-                valid_file=str(text_files["valid"]), output_dir=str(tmp_path_factory.mktemp(f"run-{mode}")),
-                max_steps=6, eval_steps=3, save_steps=3, logging_steps=1, batch_size=4,
-                lr=1e-2, lora_r=4, lora_alpha=8, lora_dropout=0.0, precision="fp32",
+                model=str(base),
+                mode=mode,
+                train_file=str(text_files["train"]),
+                valid_file=str(text_files["valid"]),
+                output_dir=str(tmp_path_factory.mktemp(f"run-{mode}")),
+                max_steps=6,
+                eval_steps=3,
+                save_steps=3,
+                logging_steps=1,
+                batch_size=4,
+                lr=1e-2,
+                lora_r=4,
+                lora_alpha=8,
+                lora_dropout=0.0,
+                precision="fp32",
             )
             settings.update(overrides)
             train_lib.train(config_lib.resolve(None, settings), overwrite=True, progress=False)

@@ -18,6 +18,7 @@ llama.cpp stores the rows of q and k permuted for its rotary layout, and
 transformers undoes that when loading, so they are permuted here the same way:
 the model read back from the file equals the one written, logits included.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,18 +42,25 @@ def gpt2_bpe_prefix(n_merges: int = 400) -> tuple[list[str], list[str]]:
     return tokens + [ENDOFTEXT], merges
 
 
-def tiny_llama(vocab_size: int, *, hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=128,
-               context_length=256, tie_word_embeddings=False, seed=0):
+def tiny_llama(vocab_size: int, *, hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=128, context_length=256, tie_word_embeddings=False, seed=0):
     """A random LlamaForCausalLM of the given vocabulary size."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=context_length, rms_norm_eps=1e-5, rope_theta=10000.0,
-        tie_word_embeddings=tie_word_embeddings, bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=context_length,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=vocab_size - 1,
+        eos_token_id=vocab_size - 1,
     )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # RMSNorm weights start at 1; make them differ so the mapping is checked
@@ -67,8 +75,9 @@ def _permute(weights: np.ndarray, n_head: int) -> np.ndarray:
     return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
 
 
-def write_tiny_llama_gguf(path, model=None, *, n_merges: int = 400, tie_word_embeddings: bool = False,
-                          quantization: str = "F32", name: str = "tiny-llama") -> Path:
+def write_tiny_llama_gguf(
+    path, model=None, *, n_merges: int = 400, tie_word_embeddings: bool = False, quantization: str = "F32", name: str = "tiny-llama"
+) -> Path:
     """Write ``model`` (default: a fresh ``tiny_llama``) with the cut GPT-2 tokenizer to ``path``.
 
     The model's vocabulary must have ``256 + n_merges + 1`` rows; the default
@@ -90,8 +99,7 @@ def write_tiny_llama_gguf(path, model=None, *, n_merges: int = 400, tie_word_emb
     eot = len(tokens) - 1
 
     qtype = gguf.GGMLQuantizationType[quantization]
-    file_type = {"F32": gguf.LlamaFileType.ALL_F32, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-                 "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[quantization]
+    file_type = {"F32": gguf.LlamaFileType.ALL_F32, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[quantization]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(path), "llama")

@@ -1,10 +1,13 @@
 """Packed (padding-free) batches give each example the loss it gets padded, and the training the same steps."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from peftgen import attention, batching, config as config_lib, training as train_lib
+from peftgen import attention, batching
+from peftgen import config as config_lib
+from peftgen import training as train_lib
 
 EXAMPLES = [[50257, 464, 1468, 1110, 50258], [50257, 318, 50258], [50257, 1332, 257, 2068, 3290, 318, 50258]]
 
@@ -29,9 +32,7 @@ def test_packed_loss_equals_padded_loss_per_example(fixture, per_example, reques
     assert packed["input_ids"].shape == (1, sum(map(len, EXAMPLES)))  # no padding at all
     with torch.no_grad():
         packed_loss = _per_example_losses(model(**{k: v for k, v in packed.items() if k != "labels"}).logits, packed["labels"])[0]
-        padded_loss = _per_example_losses(
-            model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits, padded["labels"]
-        )
+        padded_loss = _per_example_losses(model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits, padded["labels"])
     # Walk the packed row example by example: each predicts len - 1 tokens, none across the boundary.
     start = 0
     for row, ids in enumerate(EXAMPLES):
@@ -61,9 +62,20 @@ def test_training_packed_or_padded_takes_the_same_steps(tiny_gpt2, text_files, t
     losses = {}
     for packing in (True, False):
         settings = dict(
-            model=str(base), mode="full", train_file=str(text_files["train"]), valid_file=str(text_files["valid"]),
-            output_dir=str(tmp_path / f"run-{packing}"), max_steps=4, eval_steps=4, save_steps=4, logging_steps=1,
-            batch_size=4, lr=1e-2, precision="fp32", packing=packing, max_length=64,
+            model=str(base),
+            mode="full",
+            train_file=str(text_files["train"]),
+            valid_file=str(text_files["valid"]),
+            output_dir=str(tmp_path / f"run-{packing}"),
+            max_steps=4,
+            eval_steps=4,
+            save_steps=4,
+            logging_steps=1,
+            batch_size=4,
+            lr=1e-2,
+            precision="fp32",
+            packing=packing,
+            max_length=64,
         )
         result = train_lib.train(config_lib.resolve(None, settings), progress=False)
         losses[packing] = [e["loss"] for e in result.log_history if "loss" in e] + [result.metrics["eval_loss"]]

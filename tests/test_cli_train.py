@@ -1,4 +1,5 @@
 """The train, eval and merge commands as a user types them."""
+
 import json
 
 import pytest
@@ -16,9 +17,27 @@ def invoke(*args):
 
 def test_train_then_eval_then_merge(tiny_gpt2, text_files, tmp_path):
     run = tmp_path / "run"
-    result = invoke("train", "--model", tiny_gpt2, "--train-file", text_files["train"], "--valid-file",
-                    text_files["valid"], "--output-dir", run, "--max-steps", 2, "--eval-steps", 2,
-                    "--batch-size", 4, "--precision", "fp32", "--lr", 1e-3)
+    result = invoke(
+        "train",
+        "--model",
+        tiny_gpt2,
+        "--train-file",
+        text_files["train"],
+        "--valid-file",
+        text_files["valid"],
+        "--output-dir",
+        run,
+        "--max-steps",
+        2,
+        "--eval-steps",
+        2,
+        "--batch-size",
+        4,
+        "--precision",
+        "fp32",
+        "--lr",
+        1e-3,
+    )
     assert result.exit_code == 0, result.output
     assert "resolved config" in result.stdout and "lr: 0.001" in result.stdout
     assert "Validation loss:" in result.stdout and (run / "loss.png").is_file()
@@ -35,20 +54,22 @@ def test_train_then_eval_then_merge(tiny_gpt2, text_files, tmp_path):
 
 def test_yaml_config_with_flag_override(tiny_gpt2, text_files, tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text(f"model: {tiny_gpt2}\ntrain_file: {text_files['train']}\nmax_steps: 1\nlora_r: 2\n"
-                      f"output_dir: {tmp_path / 'run'}\nprecision: fp32\n")
+    config.write_text(f"model: {tiny_gpt2}\ntrain_file: {text_files['train']}\nmax_steps: 1\nlora_r: 2\noutput_dir: {tmp_path / 'run'}\nprecision: fp32\n")
     result = invoke("train", "-c", config, "--lora-r", 3)
     assert result.exit_code == 0, result.output
     assert "lora_r: 3" in result.output
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--train-file", "{tmp}/missing.txt"], "Error: The training file {tmp}/missing.txt does not exist. Check the path."),
-    (["--train-file", "{train}", "--mode", "qlora"], "Error: Unknown mode 'qlora'. Choose one of: full, lora, 8bit."),
-    (["--train-file", "{empty}"], "Error: The training file {empty} is empty. It needs one example per line."),
-    (["-c", "{bad}"], "is not valid YAML"),
-    (["--train-file", "{train}", "--model", "{tmp}/no-such-model"], "Error: Model not found: {tmp}/no-such-model does not exist. Check the path."),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--train-file", "{tmp}/missing.txt"], "Error: The training file {tmp}/missing.txt does not exist. Check the path."),
+        (["--train-file", "{train}", "--mode", "qlora"], "Error: Unknown mode 'qlora'. Choose one of: full, lora, 8bit."),
+        (["--train-file", "{empty}"], "Error: The training file {empty} is empty. It needs one example per line."),
+        (["-c", "{bad}"], "is not valid YAML"),
+        (["--train-file", "{train}", "--model", "{tmp}/no-such-model"], "Error: Model not found: {tmp}/no-such-model does not exist. Check the path."),
+    ],
+)
 def test_bad_input_is_one_error_line_and_exit_1(args, message, text_files, tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "bad.yaml").write_text("lr: [1,\n")
@@ -102,19 +123,35 @@ def test_every_setting_is_a_flag_with_its_help_and_default():
 
 
 def test_flags_of_every_kind_reach_the_config(tiny_gpt2, tmp_path):
-    result = invoke("train", "--model", tiny_gpt2, "--train-file", tmp_path / "missing.txt", "--packing", "false",
-                    "--gradient-checkpointing", "yes", "--target-modules", "c_attn,c_fc", "--sample-option", "k=5",
-                    "--sample-option", "temperature=0.5", "--weight-decay", "0.01", "--output-dir", tmp_path / "out")
+    result = invoke(
+        "train",
+        "--model",
+        tiny_gpt2,
+        "--train-file",
+        tmp_path / "missing.txt",
+        "--packing",
+        "false",
+        "--gradient-checkpointing",
+        "yes",
+        "--target-modules",
+        "c_attn,c_fc",
+        "--sample-option",
+        "k=5",
+        "--sample-option",
+        "temperature=0.5",
+        "--weight-decay",
+        "0.01",
+        "--output-dir",
+        tmp_path / "out",
+    )
     assert result.exit_code == 1 and "Error: The training file" in result.stderr  # stops at the data, after resolving
-    for line in ("packing: false", "gradient_checkpointing: true", "- c_attn\n- c_fc", "k: '5'", "temperature: '0.5'",
-                 "weight_decay: 0.01"):
+    for line in ("packing: false", "gradient_checkpointing: true", "- c_attn\n- c_fc", "k: '5'", "temperature: '0.5'", "weight_decay: 0.01"):
         assert line in result.stdout, line
     assert "resume" not in result.stdout and "overwrite" not in result.stdout
 
 
 def test_resume_and_overwrite_together_are_one_error_line(tiny_gpt2, text_files, tmp_path):
-    result = invoke("train", "--model", tiny_gpt2, "--train-file", text_files["train"], "--output-dir", tmp_path / "out",
-                    "--resume", "--overwrite")
+    result = invoke("train", "--model", tiny_gpt2, "--train-file", text_files["train"], "--output-dir", tmp_path / "out", "--resume", "--overwrite")
     assert result.exit_code == 1
     assert result.stderr == "Error: --resume continues the run in the output folder; --overwrite deletes it. Pick one.\n"
 

@@ -1,4 +1,5 @@
 """``peftgen compare``: each measurement on fixed inputs, then every decoder side by side."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,21 @@ from peftgen.cli import app
 from peftgen.testing import bigram_model, isolated_plugins
 
 runner = CliRunner()
-FIELDS = ["decoder", "options", "samples", "tokens_per_second", "eos_rate", "mean_length", "max_length", "distinct_1",
-          "distinct_2", "repeated_4grams", "mean_logprob", "judge_perplexity", "error"]
+FIELDS = [
+    "decoder",
+    "options",
+    "samples",
+    "tokens_per_second",
+    "eos_rate",
+    "mean_length",
+    "max_length",
+    "distinct_1",
+    "distinct_2",
+    "repeated_4grams",
+    "mean_logprob",
+    "judge_perplexity",
+    "error",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -126,8 +140,21 @@ def invoke(*args):
 
 
 def test_a_plugin_decoder_is_a_row_and_a_failing_one_a_row_with_its_error(tiny_gpt2, plugin_file):
-    result = invoke("--model", tiny_gpt2, "--decoders", "boom,steady,greedy", "--plugin", plugin_file,
-                    "--num-samples", 3, "--max-new-tokens", 5, "-o", "steady.token=13", "--json")
+    result = invoke(
+        "--model",
+        tiny_gpt2,
+        "--decoders",
+        "boom,steady,greedy",
+        "--plugin",
+        plugin_file,
+        "--num-samples",
+        3,
+        "--max-new-tokens",
+        5,
+        "-o",
+        "steady.token=13",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["decoder"] for r in rows] == ["boom", "steady", "greedy"]
@@ -145,8 +172,9 @@ def test_a_plugin_decoder_is_a_row_and_a_failing_one_a_row_with_its_error(tiny_g
 
 def test_the_same_seed_gives_the_same_table(tiny_gpt2):
     def measured(seed):
-        rows = compare_lib.compare(str(tiny_gpt2), decoders="topk,greedy,beam", num_samples=4, max_new_tokens=6,
-                                   seed=seed, batch_size=3, options={"beam": {"num_beams": 2}})
+        rows = compare_lib.compare(
+            str(tiny_gpt2), decoders="topk,greedy,beam", num_samples=4, max_new_tokens=6, seed=seed, batch_size=3, options={"beam": {"num_beams": 2}}
+        )
         return [{**row.to_dict(), "tokens_per_second": None, "texts": row.texts} for row in rows]
 
     first = measured(0)
@@ -158,12 +186,26 @@ def test_the_same_seed_gives_the_same_table(tiny_gpt2):
 
 def test_all_compares_every_loaded_decoder_in_a_table(tiny_gpt2, tmp_path):
     picture = tmp_path / "decoders.png"
-    result = invoke("--model", tiny_gpt2, "--num-samples", 2, "--max-new-tokens", 4, "--judge", tiny_gpt2,
-                    "--prompt", "The whale", "--plot", picture)
+    result = invoke("--model", tiny_gpt2, "--num-samples", 2, "--max-new-tokens", 4, "--judge", tiny_gpt2, "--prompt", "The whale", "--plot", picture)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["decoder", "tokens/s", "<EOS>", "mean", "len", "max", "len", "distinct-1", "distinct-2",
-                                "rep.", "4-grams", "log", "p/token", "judge", "ppl"]
+    assert lines[0].split() == [
+        "decoder",
+        "tokens/s",
+        "<EOS>",
+        "mean",
+        "len",
+        "max",
+        "len",
+        "distinct-1",
+        "distinct-2",
+        "rep.",
+        "4-grams",
+        "log",
+        "p/token",
+        "judge",
+        "ppl",
+    ]
     assert [line.split()[0] for line in lines[1:]] == ["beam", "greedy", "topk", "topp"]
     assert all(len(line.split()) == 10 for line in lines[1:])
     assert "beam: 2 samples of at most 4 tokens" in result.stderr
@@ -171,9 +213,21 @@ def test_all_compares_every_loaded_decoder_in_a_table(tiny_gpt2, tmp_path):
 
 
 def test_the_text_table_shows_a_failed_decoder_on_its_line():
-    rows = [compare_lib.Row("greedy", samples=2, tokens_per_second=10.0, eos_rate=0.5, mean_length=3.0, max_length=4,
-                            distinct_1=0.5, distinct_2=0.25, repeated_4grams=0.0, mean_logprob=-1.5),
-            compare_lib.Row("boom", error="Decoder 'boom' failed")]
+    rows = [
+        compare_lib.Row(
+            "greedy",
+            samples=2,
+            tokens_per_second=10.0,
+            eos_rate=0.5,
+            mean_length=3.0,
+            max_length=4,
+            distinct_1=0.5,
+            distinct_2=0.25,
+            repeated_4grams=0.0,
+            mean_logprob=-1.5,
+        ),
+        compare_lib.Row("boom", error="Decoder 'boom' failed"),
+    ]
     assert compare_lib.table(rows).splitlines() == [
         "decoder  tokens/s  <EOS>  mean len  max len  distinct-1  distinct-2  rep. 4-grams  log p/token",
         "greedy       10.0    50%       3.0        4       0.500       0.250          0.0%       -1.500",
@@ -182,13 +236,16 @@ def test_the_text_table_shows_a_failed_decoder_on_its_line():
     assert compare_lib.table(rows, markdown=True).splitlines()[2] == "| greedy | 10.0 | 50% | 3.0 | 4 | 0.500 | 0.250 | 0.0% | -1.500 |"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["-o", "num_beams=3"], "Error: -o num_beams=3: name the decoder, as in -o beam.num_beams=3 or -o topk.k=40."),
-    (["--decoders", "greedy", "-o", "beam.num_beams=3"], "Error: -o beam.num_beams=3 is for decoder 'beam', which is not compared. Compared: greedy."),
-    (["-o", "beam.num_beams=0"], "Error: Decoder 'beam' rejected its options: num_beams must be at least 1, got 0."),
-    (["--decoders", "topkk"], "Error: Unknown decoder 'topkk'. Available: beam, greedy, topk, topp"),
-    (["--num-samples", "0"], "Error: --num-samples must be at least 1, got 0."),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-o", "num_beams=3"], "Error: -o num_beams=3: name the decoder, as in -o beam.num_beams=3 or -o topk.k=40."),
+        (["--decoders", "greedy", "-o", "beam.num_beams=3"], "Error: -o beam.num_beams=3 is for decoder 'beam', which is not compared. Compared: greedy."),
+        (["-o", "beam.num_beams=0"], "Error: Decoder 'beam' rejected its options: num_beams must be at least 1, got 0."),
+        (["--decoders", "topkk"], "Error: Unknown decoder 'topkk'. Available: beam, greedy, topk, topp"),
+        (["--num-samples", "0"], "Error: --num-samples must be at least 1, got 0."),
+    ],
+)
 def test_errors_are_one_clear_line(tiny_gpt2, args, message):
     result = invoke("--model", tiny_gpt2, *args)
     assert result.exit_code == 1
@@ -197,8 +254,7 @@ def test_errors_are_one_clear_line(tiny_gpt2, args, message):
 
 def test_help_shows_every_flag():
     result = invoke("--help")
-    for flag in ["--model", "--decoders", "--plugin", "-o", "--prompt", "--num-samples", "--max-new-tokens", "--seed",
-                 "--judge", "--json", "--plot"]:
+    for flag in ["--model", "--decoders", "--plugin", "-o", "--prompt", "--num-samples", "--max-new-tokens", "--seed", "--judge", "--json", "--plot"]:
         assert flag in result.output
 
 

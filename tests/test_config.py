@@ -1,4 +1,5 @@
 """Config flows one way: dataclass defaults, then the YAML file, then the flags the user typed."""
+
 import re
 from pathlib import Path
 
@@ -25,9 +26,7 @@ def test_every_shipped_yaml_loads_against_the_code(path):
 
 def test_booksummaries_config_is_the_articles_recipe():
     cfg = config_lib.resolve(Path(__file__).parent.parent / "configs" / "gpt2-booksummaries.yaml")
-    assert (cfg.model, cfg.mode, cfg.batch_size, cfg.learning_rate, cfg.epochs, cfg.eval_steps) == (
-        "gpt2", "full", 2, 5e-5, 5.0, 500
-    )
+    assert (cfg.model, cfg.mode, cfg.batch_size, cfg.learning_rate, cfg.epochs, cfg.eval_steps) == ("gpt2", "full", 2, 5e-5, 5.0, 500)
 
 
 def test_flags_override_yaml_and_yaml_overrides_defaults(tmp_path):
@@ -87,8 +86,10 @@ def test_target_modules_accepts_a_comma_list():
 
 
 def test_saved_config_is_a_config_file_as_it_is(tmp_path):
-    cfg = config_lib.resolve(None, {"train_file": "t", "mode": "full", "seed": 7, "target_modules": "a,b",
-                                    "sample_options": {"k": 5}, "attention_dropout": None, "report_to": "none"})
+    cfg = config_lib.resolve(
+        None,
+        {"train_file": "t", "mode": "full", "seed": 7, "target_modules": "a,b", "sample_options": {"k": 5}, "attention_dropout": None, "report_to": "none"},
+    )
     config_lib.save(cfg, tmp_path / "peftgen.yaml")
     assert config_lib.resolve(tmp_path / "peftgen.yaml") == config_lib.apply(cfg, {"lr": 5e-5}, "test")
     assert set(config_lib.read_yaml(tmp_path / "peftgen.yaml")) == set(config_lib.FIELDS)
@@ -111,6 +112,7 @@ def test_resume_and_overwrite_are_not_settings():
 
 
 # One definition per setting ----------------------------------------------------------
+
 
 def test_every_setting_has_a_one_line_help():
     for name, field in config_lib.FIELDS.items():
@@ -135,40 +137,44 @@ def test_the_settings_table_has_a_row_per_setting_with_type_and_default():
 
 # Every value checked before a model loads -------------------------------------------
 
+
 def refused(**values):
     with pytest.raises(PeftgenError) as caught:
         config_lib.resolve(None, {"train_file": "t", **values})
     return str(caught.value)
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"lr": float("nan")}, "lr must be a finite number, got nan."),
-    ({"lr": float("inf")}, "lr must be a finite number, got inf."),
-    ({"lr": -1e-4}, "lr must be above 0, got -0.0001. Typical: 5e-5 for full, 2e-4 for lora and 8bit."),
-    ({"lr": 0}, "lr must be above 0, got 0."),
-    ({"epochs": -1}, "epochs must be above 0 and at most 1e+06, got -1. Try 3 to 5."),
-    ({"epochs": float("nan")}, "epochs must be a finite number, got nan."),
-    ({"epochs": 0}, "epochs must be above 0 and at most 1e+06, got 0."),
-    ({"lora_dropout": -0.1}, "lora_dropout is a probability in [0, 1), got -0.1. Typical: 0 to 0.1."),
-    ({"lora_dropout": 1.0}, "lora_dropout is a probability in [0, 1), got 1."),
-    ({"warmup_steps": -5}, "warmup_steps must be 0 or more, got -5."),
-    ({"logging_steps": 0}, "logging_steps must be at least 1, got 0."),
-    ({"max_steps": -2}, "max_steps must be -1 (train for epochs) or a number of updates, got -2."),
-    ({"weight_decay": float("nan")}, "weight_decay must be a finite number, got nan."),
-    ({"weight_decay": -0.1}, "weight_decay must be 0 or more, got -0.1. Typical: 0 or 0.01."),
-    ({"seed": -1}, "seed must be between 0 and 4294967295, got -1."),
-    ({"seed": 2**32}, "seed must be between 0 and 4294967295, got 4294967296."),
-    ({"seed": 2**64}, "seed 18446744073709551616 is far too large."),
-    ({"batch_size": 10**6}, "batch_size 1000000 is larger than any device holds (at most 65536)."),
-    ({"max_length": 2**40}, "max_length must be at most 2147483647, got 1099511627776."),
-    ({"lora_alpha": 0}, "lora_alpha must be at least 1, got 0."),
-    ({"pad_token": ""}, "pad_token must be a non-empty marker without surrounding whitespace or line breaks, got ''. Default: <PAD>."),
-    ({"bos_token": " <BOS>"}, "bos_token must be a non-empty marker"),
-    ({"eos_token": "<E\nOS>"}, "eos_token must be a non-empty marker"),
-    ({"train_file": "data\0.txt"}, "train_file contains a NUL byte: 'data\\x00.txt'."),
-    ({"model": " "}, "model is empty: pass --model"),
-    ({"report_to": "tensorbord"}, "Unknown report_to 'tensorbord'. Choose from: azure_ml, clearml, codecarbon, comet_ml,"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"lr": float("nan")}, "lr must be a finite number, got nan."),
+        ({"lr": float("inf")}, "lr must be a finite number, got inf."),
+        ({"lr": -1e-4}, "lr must be above 0, got -0.0001. Typical: 5e-5 for full, 2e-4 for lora and 8bit."),
+        ({"lr": 0}, "lr must be above 0, got 0."),
+        ({"epochs": -1}, "epochs must be above 0 and at most 1e+06, got -1. Try 3 to 5."),
+        ({"epochs": float("nan")}, "epochs must be a finite number, got nan."),
+        ({"epochs": 0}, "epochs must be above 0 and at most 1e+06, got 0."),
+        ({"lora_dropout": -0.1}, "lora_dropout is a probability in [0, 1), got -0.1. Typical: 0 to 0.1."),
+        ({"lora_dropout": 1.0}, "lora_dropout is a probability in [0, 1), got 1."),
+        ({"warmup_steps": -5}, "warmup_steps must be 0 or more, got -5."),
+        ({"logging_steps": 0}, "logging_steps must be at least 1, got 0."),
+        ({"max_steps": -2}, "max_steps must be -1 (train for epochs) or a number of updates, got -2."),
+        ({"weight_decay": float("nan")}, "weight_decay must be a finite number, got nan."),
+        ({"weight_decay": -0.1}, "weight_decay must be 0 or more, got -0.1. Typical: 0 or 0.01."),
+        ({"seed": -1}, "seed must be between 0 and 4294967295, got -1."),
+        ({"seed": 2**32}, "seed must be between 0 and 4294967295, got 4294967296."),
+        ({"seed": 2**64}, "seed 18446744073709551616 is far too large."),
+        ({"batch_size": 10**6}, "batch_size 1000000 is larger than any device holds (at most 65536)."),
+        ({"max_length": 2**40}, "max_length must be at most 2147483647, got 1099511627776."),
+        ({"lora_alpha": 0}, "lora_alpha must be at least 1, got 0."),
+        ({"pad_token": ""}, "pad_token must be a non-empty marker without surrounding whitespace or line breaks, got ''. Default: <PAD>."),
+        ({"bos_token": " <BOS>"}, "bos_token must be a non-empty marker"),
+        ({"eos_token": "<E\nOS>"}, "eos_token must be a non-empty marker"),
+        ({"train_file": "data\0.txt"}, "train_file contains a NUL byte: 'data\\x00.txt'."),
+        ({"model": " "}, "model is empty: pass --model"),
+        ({"report_to": "tensorbord"}, "Unknown report_to 'tensorbord'. Choose from: azure_ml, clearml, codecarbon, comet_ml,"),
+    ],
+)
 def test_values_a_library_would_reject_later_are_refused_first(values, message):
     assert message in refused(**values)
 
@@ -181,8 +187,7 @@ def test_a_tracker_that_is_not_installed_says_how_to_install_it(monkeypatch):
     import transformers.integrations
 
     monkeypatch.setattr(transformers.integrations, "get_available_reporting_integrations", lambda: ["wandb"])
-    assert refused(report_to="tensorboard,wandb") == (
-        "report_to tensorboard needs its package, which is not installed: pip install tensorboard")
+    assert refused(report_to="tensorboard,wandb") == ("report_to tensorboard needs its package, which is not installed: pip install tensorboard")
     assert config_lib.resolve(None, {"train_file": "t", "report_to": "wandb"}).report_to == ["wandb"]
     assert config_lib.resolve(None, {"train_file": "t", "report_to": "none"}).report_to == ["none"]
 
@@ -206,14 +211,17 @@ def refused_file(path):
     return str(caught.value)
 
 
-@pytest.mark.parametrize("content, message", [
-    ("train_file: café\n".encode("latin-1"), r"c\.yaml is not UTF-8 text \(byte 15\)\. Save it as UTF-8\."),
-    (("a: " + "[" * 5000 + "]" * 5000).encode(), r"c\.yaml is nested too deeply to be a config"),
-    (b"seed: 2020-13-45\n", r"c\.yaml holds a value YAML cannot read: month must be in 1\.\.12"),
-    (b"train_file: [unclosed\n", r"c\.yaml is not valid YAML: expected ',' or '\]', but got '<stream end>' \(line 2, column 1\)\.$"),
-    (b"1: 2\n", r"c\.yaml: unknown key 1\. Valid keys: model,"),
-    (("k" * 1000 + ": 1\n").encode(), r"c\.yaml: unknown key 'k{20,30}\.\.\.k{20,30}'\. Valid keys"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("train_file: café\n".encode("latin-1"), r"c\.yaml is not UTF-8 text \(byte 15\)\. Save it as UTF-8\."),
+        (("a: " + "[" * 5000 + "]" * 5000).encode(), r"c\.yaml is nested too deeply to be a config"),
+        (b"seed: 2020-13-45\n", r"c\.yaml holds a value YAML cannot read: month must be in 1\.\.12"),
+        (b"train_file: [unclosed\n", r"c\.yaml is not valid YAML: expected ',' or '\]', but got '<stream end>' \(line 2, column 1\)\.$"),
+        (b"1: 2\n", r"c\.yaml: unknown key 1\. Valid keys: model,"),
+        (("k" * 1000 + ": 1\n").encode(), r"c\.yaml: unknown key 'k{20,30}\.\.\.k{20,30}'\. Valid keys"),
+    ],
+)
 def test_a_damaged_config_file_gets_one_line_naming_it(tmp_path, content, message):
     path = tmp_path / "c.yaml"
     path.write_bytes(content)

@@ -1,4 +1,5 @@
 """Line-by-line data: markers, spacing, labels, padding and bad files."""
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -60,12 +61,15 @@ def test_missing_empty_and_markers_only_files_fail_clearly(tmp_path, tokenizer):
         data.load_examples(tmp_path / "latin1.txt", tokenizer, 64)
 
 
-@pytest.mark.parametrize("content, kind", [
-    (b"first line\nsecond\x00\x00line\n", r"binary, or UTF-16 without a byte-order mark: it holds NUL bytes \(the first on line 2\)\."),
-    ("one line\n".encode("utf-16"), "UTF-16 text"),
-    ("one line\n".encode("utf-16-le"), "NUL bytes"),
-    (__import__("gzip").compress(b"one line\n"), "gzip-compressed"),
-])
+@pytest.mark.parametrize(
+    "content, kind",
+    [
+        (b"first line\nsecond\x00\x00line\n", r"binary, or UTF-16 without a byte-order mark: it holds NUL bytes \(the first on line 2\)\."),
+        ("one line\n".encode("utf-16"), "UTF-16 text"),
+        ("one line\n".encode("utf-16-le"), "NUL bytes"),
+        (__import__("gzip").compress(b"one line\n"), "gzip-compressed"),
+    ],
+)
 def test_files_that_are_not_text_are_refused_with_what_they_are(tmp_path, tokenizer, content, kind):
     path = tmp_path / "train.txt"
     path.write_bytes(content)

@@ -1,4 +1,5 @@
 """The tokenized-data cache: built once, reused, never stale, never half-written."""
+
 import json
 import os
 import subprocess
@@ -12,8 +13,12 @@ from peftgen import corpus, data
 from peftgen.cli import app
 from peftgen.errors import PeftgenError
 
-LINES = ["The old boar calls the animals to a meeting.", "Two young pigs take command of the farm.",
-         "<BOS> A boy finds a map and sails to an island. <EOS>", "The captain hunts the white whale."]
+LINES = [
+    "The old boar calls the animals to a meeting.",
+    "Two young pigs take command of the farm.",
+    "<BOS> A boy finds a map and sails to an island. <EOS>",
+    "The captain hunts the white whale.",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -133,8 +138,25 @@ def test_an_unwritable_cache_folder_is_one_clear_line(train_file, tokenizer, tmp
 
 def test_training_again_and_resuming_reuse_the_cache(tiny_gpt2, train_file, tmp_path, cache):
     run = tmp_path / "run"
-    base = ["train", "--model", str(tiny_gpt2), "--train-file", str(train_file), "--valid-file", str(train_file),
-            "--output-dir", str(run), "--eval-steps", "1", "--save-steps", "1", "--precision", "fp32", "--batch-size", "2"]
+    base = [
+        "train",
+        "--model",
+        str(tiny_gpt2),
+        "--train-file",
+        str(train_file),
+        "--valid-file",
+        str(train_file),
+        "--output-dir",
+        str(run),
+        "--eval-steps",
+        "1",
+        "--save-steps",
+        "1",
+        "--precision",
+        "fp32",
+        "--batch-size",
+        "2",
+    ]
     first = CliRunner().invoke(app, [*base, "--max-steps", "1"])
     assert first.exit_code == 0, first.output
     assert first.output.count("note: tokenized the training file") == 1

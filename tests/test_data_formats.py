@@ -1,4 +1,5 @@
 """Every source format gives the ids that a line of text has always had; bad rows are named and skipped."""
+
 import json
 import time
 from pathlib import Path
@@ -109,11 +110,13 @@ def test_text_field_picks_the_column(tmp_path, summaries, tokenizer, expected):
 
 def test_split_picks_a_split_of_a_saved_dataset_dict(tmp_path, summaries, tokenizer, expected):
     folder = tmp_path / "dict"
-    DatasetDict({
-        "train": Dataset.from_dict({"text": summaries[:20]}),
-        "validation": Dataset.from_dict({"text": summaries[20:28]}),
-        "test": Dataset.from_dict({"text": summaries[28:]}),
-    }).save_to_disk(str(folder))
+    DatasetDict(
+        {
+            "train": Dataset.from_dict({"text": summaries[:20]}),
+            "validation": Dataset.from_dict({"text": summaries[20:28]}),
+            "test": Dataset.from_dict({"text": summaries[28:]}),
+        }
+    ).save_to_disk(str(folder))
     assert ids_of(folder, tokenizer) == expected[:20]  # training reads train
     assert ids_of(folder, tokenizer, "validation file") == expected[20:28]
     assert ids_of(folder, tokenizer, "evaluation file") == expected[28:]
@@ -125,22 +128,33 @@ def test_split_picks_a_split_of_a_saved_dataset_dict(tmp_path, summaries, tokeni
 def test_bad_rows_are_skipped_and_named_by_line(tmp_path, tokenizer, capsys):
     good = ["The old boar calls a meeting.", "Two pigs take command."]
     path = tmp_path / "bad.jsonl"
-    path.write_text("\n".join([
-        json.dumps({"text": good[0]}),
-        json.dumps({"summary": "no text field"}),   # line 2
-        json.dumps({"text": 42}),                   # line 3
-        json.dumps({"text": "   "}),                # line 4
-        "{not json",                                # line 5
-        json.dumps({"text": None}),                 # line 6
-        json.dumps({"text": "a <PAD> inside"}),     # line 7
-        "",
-        json.dumps({"text": good[1]}),              # line 9
-    ]) + "\n", encoding="utf-8")
+    path.write_text(
+        "\n".join(
+            [
+                json.dumps({"text": good[0]}),
+                json.dumps({"summary": "no text field"}),  # line 2
+                json.dumps({"text": 42}),  # line 3
+                json.dumps({"text": "   "}),  # line 4
+                "{not json",  # line 5
+                json.dumps({"text": None}),  # line 6
+                json.dumps({"text": "a <PAD> inside"}),  # line 7
+                "",
+                json.dumps({"text": good[1]}),  # line 9
+            ]
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     assert ids_of(path, tokenizer) == [data.encode(text, tokenizer, MAX_LENGTH) for text in good]
     err = capsys.readouterr().err
-    for reason, line in [("no 'text' field (pick the text field with --text-field)", 2), ("'text' is not a string but int", 3),
-                         ("empty text", 4), ("not valid JSON", 5), ("'text' is null", 6),
-                         ("holds the pad marker <PAD> (it would be learnt as text)", 7)]:
+    for reason, line in [
+        ("no 'text' field (pick the text field with --text-field)", 2),
+        ("'text' is not a string but int", 3),
+        ("empty text", 4),
+        ("not valid JSON", 5),
+        ("'text' is null", 6),
+        ("holds the pad marker <PAD> (it would be learnt as text)", 7),
+    ]:
         assert f"Warning: skipped 1 line(s) of the training file {path}: {reason}: line(s) {line}." in err
 
 
@@ -161,10 +175,13 @@ def test_a_source_with_no_usable_row_is_refused(tmp_path, tokenizer):
     assert not any((tmp_path / "cache" / "datasets").iterdir())  # nothing half-built stays
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"PAR1 then nothing", "Cannot read the training file {path} as parquet: "),
-    (b"", "Cannot read the training file {path} as parquet: "),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"PAR1 then nothing", "Cannot read the training file {path} as parquet: "),
+        (b"", "Cannot read the training file {path} as parquet: "),
+    ],
+)
 def test_an_unreadable_parquet_is_one_clear_line(tmp_path, content, message):
     path = tmp_path / "broken.parquet"
     path.write_bytes(content)
@@ -244,11 +261,32 @@ def test_train_takes_parquet_and_jsonl_with_a_text_field(tiny_gpt2, tmp_path, su
     train = write(tmp_path, "parquet", summaries[:8], column="summary")
     (tmp_path / "v").mkdir()
     valid = write(tmp_path / "v", "jsonl", summaries[8:10], column="summary")
-    result = runner.invoke(app, [
-        "train", "--model", str(tiny_gpt2), "--train-file", str(train), "--valid-file", str(valid), "--text-field", "summary",
-        "--output-dir", str(tmp_path / "run"), "--max-steps", "1", "--eval-steps", "1", "--max-length", "64",
-        "--precision", "fp32", "--batch-size", "2",
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--model",
+            str(tiny_gpt2),
+            "--train-file",
+            str(train),
+            "--valid-file",
+            str(valid),
+            "--text-field",
+            "summary",
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "1",
+            "--eval-steps",
+            "1",
+            "--max-length",
+            "64",
+            "--precision",
+            "fp32",
+            "--batch-size",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["eval_loss"] > 0
     assert "text_field: summary" in (tmp_path / "run" / "peftgen.yaml").read_text()
@@ -256,8 +294,7 @@ def test_train_takes_parquet_and_jsonl_with_a_text_field(tiny_gpt2, tmp_path, su
 
 def test_train_with_a_missing_column_is_one_error_line(tiny_gpt2, tmp_path, summaries):
     train = write(tmp_path, "csv", summaries[:4])
-    result = runner.invoke(app, ["train", "--model", str(tiny_gpt2), "--train-file", str(train), "--text-field", "plot",
-                                 "--output-dir", str(tmp_path / "run")])
+    result = runner.invoke(app, ["train", "--model", str(tiny_gpt2), "--train-file", str(train), "--text-field", "plot", "--output-dir", str(tmp_path / "run")])
     assert result.exit_code == 1
     assert f"Error: The training file {train} has no column 'plot' in its header row (its columns: title, text)." in result.output
     assert "Traceback" not in result.output and not (tmp_path / "run").exists()

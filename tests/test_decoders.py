@@ -1,6 +1,7 @@
 """The built-in decoders: each passes the conformance kit, samples only from its allowed set,
 repeats under a seed, and draws with the probabilities it promises (chi-square). And the kit
 fails decoders that break the rules, sampling ones included."""
+
 from __future__ import annotations
 
 import math
@@ -8,29 +9,33 @@ import math
 import pytest
 import torch
 
+from peftgen import Completion, SequenceDecoder, TokenDecoder
 from peftgen.decoders.beam import BeamSearch
 from peftgen.decoders.greedy import Greedy
 from peftgen.decoders.topk import TopK
 from peftgen.decoders.topp import TopP
-from peftgen import Completion, SequenceDecoder, TokenDecoder
 from peftgen.errors import PeftgenError
 from peftgen.generation import build_decoder, generate
 from peftgen.generation.decoder import DecodeContext
 from peftgen.testing import ConformanceWarning, check_decoder, check_stop_tokens, tiny_model
 
 
-@pytest.mark.parametrize("cls, options", [
-    (Greedy, {}),
-    (TopK, {}),
-    (TopK, {"k": 3, "temperature": 0.5}),
-    (TopK, {"k": 50, "p": 0.9}),
-    (TopP, {}),
-    (TopP, {"p": 0.3, "temperature": 2.0}),
-    (BeamSearch, {}),
-    (BeamSearch, {"num_beams": 3, "length_penalty": -1.0, "early_stopping": "never"}),
-    (BeamSearch, {"num_beams": 2, "early_stopping": True}),
-    (BeamSearch, {"num_beams": 3, "no_repeat_ngram_size": 2}),
-], ids=lambda value: str(value) if isinstance(value, dict) else value.name)
+@pytest.mark.parametrize(
+    "cls, options",
+    [
+        (Greedy, {}),
+        (TopK, {}),
+        (TopK, {"k": 3, "temperature": 0.5}),
+        (TopK, {"k": 50, "p": 0.9}),
+        (TopP, {}),
+        (TopP, {"p": 0.3, "temperature": 2.0}),
+        (BeamSearch, {}),
+        (BeamSearch, {"num_beams": 3, "length_penalty": -1.0, "early_stopping": "never"}),
+        (BeamSearch, {"num_beams": 2, "early_stopping": True}),
+        (BeamSearch, {"num_beams": 3, "no_repeat_ngram_size": 2}),
+    ],
+    ids=lambda value: str(value) if isinstance(value, dict) else value.name,
+)
 def test_builtins_pass_the_conformance_kit(cls, options):
     check_decoder(cls, **options)
 
@@ -65,8 +70,11 @@ def test_a_sampling_decoder_that_reads_the_padding_fails_the_kit():
     """Each step treats rows alike and draws only from ctx.generator, so the step-level checks
     pass; only generating a batch row by row, each row with its own generator, shows that a
     prompt's samples depend on the other prompts of its batch."""
-    with pytest.raises(AssertionError, match=r"prompt 1 with a generator per row gives .* in a batch but .* alone; "
-                                             r"select\(\) must read only its own row"):
+    with pytest.raises(
+        AssertionError,
+        match=r"prompt 1 with a generator per row gives .* in a batch but .* alone; "
+        r"select\(\) must read only its own row",
+    ):
         check_decoder(ContextTempered)
     check_decoder(ContextTemperedFixed)
 
@@ -89,8 +97,11 @@ class SampleEach(SequenceDecoder):
 
 
 def test_a_sampling_sequence_decoder_is_told_why_the_batch_check_skips_it():
-    with pytest.warns(ConformanceWarning, match=r"^check_batch_of_one skipped for decoder 'sample-each': its completions "
-                                                r"change with the seed, and a sequence decoder draws every row"):
+    with pytest.warns(
+        ConformanceWarning,
+        match=r"^check_batch_of_one skipped for decoder 'sample-each': its completions "
+        r"change with the seed, and a sequence decoder draws every row",
+    ):
         check_decoder(SampleEach)
 
 
@@ -150,12 +161,16 @@ class RecordingTopP(Recording, TopP):
     pass
 
 
-@pytest.mark.parametrize("decoder, allowed", [
-    (RecordingTopK(k=5), lambda logits: topk_allowed(logits, 5)),
-    (RecordingTopK(k=2, temperature=3.0), lambda logits: topk_allowed(logits, 2)),
-    (RecordingTopP(p=0.5), lambda logits: topp_allowed(logits, 0.5)),
-    (RecordingTopP(p=0.9, temperature=0.7), lambda logits: topp_allowed(logits, 0.9, 0.7)),
-], ids=["topk-5", "topk-2-hot", "topp-0.5", "topp-0.9-cold"])
+@pytest.mark.parametrize(
+    "decoder, allowed",
+    [
+        (RecordingTopK(k=5), lambda logits: topk_allowed(logits, 5)),
+        (RecordingTopK(k=2, temperature=3.0), lambda logits: topk_allowed(logits, 2)),
+        (RecordingTopP(p=0.5), lambda logits: topp_allowed(logits, 0.5)),
+        (RecordingTopP(p=0.9, temperature=0.7), lambda logits: topp_allowed(logits, 0.9, 0.7)),
+    ],
+    ids=["topk-5", "topk-2-hot", "topp-0.5", "topp-0.9-cold"],
+)
 def test_every_sampled_token_lies_in_the_allowed_set_of_its_step(decoder, allowed):
     generate(tiny_model(), [[1, 2, 3], [4], [5, 6]], decoder, max_new_tokens=20, num_return_sequences=3, seed=0)
     assert len(decoder.steps) == 20
@@ -258,18 +273,26 @@ def test_the_chi_square_check_can_fail():
 # ---------------------------------------------------------------- options
 
 
-@pytest.mark.parametrize("cls, options, message", [
-    (TopK, {"k": "0"}, "Decoder 'topk' rejected its options: k must be at least 1, got 0. Its options: k (int, default 50), temperature (float, default 1.0), p (float, default 1.0)."),
-    (TopK, {"temperature": "0"}, "Decoder 'topk' rejected its options: temperature must be > 0, got 0.0."),
-    (TopP, {"p": "0"}, "Decoder 'topp' rejected its options: p must be in (0, 1], got 0.0."),
-    (TopP, {"p": "1.5"}, "Decoder 'topp' rejected its options: p must be in (0, 1], got 1.5."),
-    (BeamSearch, {"num_beams": "0"}, "Decoder 'beam' rejected its options: num_beams must be at least 1, got 0."),
-    (BeamSearch, {"no_repeat_ngram_size": "-1"}, "Decoder 'beam' rejected its options: no_repeat_ngram_size must be 0 (off) or more, got -1."),
-    (BeamSearch, {"early_stopping": "sometimes"}, "Option early_stopping='sometimes' of decoder 'beam': expected bool | 'never'."),
-    (TopK, {"k": "many"}, "Option k='many' of decoder 'topk': expected an int."),
-    (TopK, {"kk": "5"}, "Decoder 'topk' has no option 'kk'. Its options: k (int, default 50), temperature (float, default 1.0), p (float, default 1.0)."),
-    (Greedy, {"k": "5"}, "Decoder 'greedy' has no option 'k'. 'greedy' takes no options."),
-])
+@pytest.mark.parametrize(
+    "cls, options, message",
+    [
+        (
+            TopK,
+            {"k": "0"},
+            "Decoder 'topk' rejected its options: k must be at least 1, got 0. "
+            "Its options: k (int, default 50), temperature (float, default 1.0), p (float, default 1.0).",
+        ),
+        (TopK, {"temperature": "0"}, "Decoder 'topk' rejected its options: temperature must be > 0, got 0.0."),
+        (TopP, {"p": "0"}, "Decoder 'topp' rejected its options: p must be in (0, 1], got 0.0."),
+        (TopP, {"p": "1.5"}, "Decoder 'topp' rejected its options: p must be in (0, 1], got 1.5."),
+        (BeamSearch, {"num_beams": "0"}, "Decoder 'beam' rejected its options: num_beams must be at least 1, got 0."),
+        (BeamSearch, {"no_repeat_ngram_size": "-1"}, "Decoder 'beam' rejected its options: no_repeat_ngram_size must be 0 (off) or more, got -1."),
+        (BeamSearch, {"early_stopping": "sometimes"}, "Option early_stopping='sometimes' of decoder 'beam': expected bool | 'never'."),
+        (TopK, {"k": "many"}, "Option k='many' of decoder 'topk': expected an int."),
+        (TopK, {"kk": "5"}, "Decoder 'topk' has no option 'kk'. Its options: k (int, default 50), temperature (float, default 1.0), p (float, default 1.0)."),
+        (Greedy, {"k": "5"}, "Decoder 'greedy' has no option 'k'. 'greedy' takes no options."),
+    ],
+)
 def test_bad_options_are_clear_errors(cls, options, message):
     with pytest.raises(PeftgenError) as error:
         build_decoder(cls, options)

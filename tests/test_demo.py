@@ -1,4 +1,5 @@
 """The demo's code path, end to end, on a tiny GGUF model and the real 32-book sample."""
+
 from __future__ import annotations
 
 import math
@@ -23,16 +24,25 @@ def demo_run(tmp_path_factory):
     # The first 10 books of the real sample: 7 train, 2 valid, 1 test, cut into ~20 pieces each.
     rows = demo.SAMPLE.read_text(encoding="utf-8").splitlines()[:10]
     (folder / "sample.tsv").write_text("\n".join(rows), encoding="utf-8")
-    overrides = dict(max_length=96, max_steps=12, batch_size=8, lr=3e-3, eval_steps=6, precision="fp32",
-                     sample_max_new_tokens=8)  # configs/demo.yaml's recipe, shrunk
+    overrides = dict(
+        max_length=96, max_steps=12, batch_size=8, lr=3e-3, eval_steps=6, precision="fp32", sample_max_new_tokens=8
+    )  # configs/demo.yaml's recipe, shrunk
     lines: list[str] = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small only loses time to thread handoffs, more so on busy CPUs
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("PEFTGEN_CACHE", str(folder / "cache"))  # the dequantised copy goes here, not ~/.cache
-            result = demo.run(str(gguf), folder / "out", data=folder / "sample.tsv", overrides=overrides,
-                              max_new_tokens=12, compare_samples=2, progress=False, echo=lines.append)
+            result = demo.run(
+                str(gguf),
+                folder / "out",
+                data=folder / "sample.tsv",
+                overrides=overrides,
+                max_new_tokens=12,
+                compare_samples=2,
+                progress=False,
+                echo=lines.append,
+            )
     finally:
         torch.set_num_threads(threads)
     return result, "\n".join(lines)
@@ -148,7 +158,11 @@ def test_python_m_peftgen_demo_is_the_demo_command(tmp_path):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "peftgen.demo", "--model", str(tmp_path / "missing.gguf"),
-                           "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "peftgen.demo", "--model", str(tmp_path / "missing.gguf"), "--output-dir", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1 and done.stdout.startswith("[1/8] Model")
     assert done.stderr.endswith(f"Error: Model not found: {tmp_path / 'missing.gguf'} does not exist. Check the path.\n")

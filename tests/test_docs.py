@@ -1,6 +1,7 @@
 """The README and docs/ are true: every python block in them is a real file or is run here,
 the example plugins under examples/ load, pass the conformance kit and generate from the
 command line, and every ``peftgen ...`` command line they show parses."""
+
 from __future__ import annotations
 
 import contextlib
@@ -65,8 +66,7 @@ def test_every_python_block_is_a_real_file_or_run_by_a_test(path):
     run_here = [text for (where, text) in RUN_HERE if where == name]
     for block in blocks(path.read_text(encoding="utf-8"), "python"):
         runs = [text for text in run_here if text in block]
-        assert block in files or len(runs) == 1, (
-            f"{name}: this python block is neither a file under examples/ nor run by a test:\n{block}")
+        assert block in files or len(runs) == 1, f"{name}: this python block is neither a file under examples/ nor run by a test:\n{block}"
 
 
 def test_the_readme_plugin_is_the_builtin_greedy_file():
@@ -227,16 +227,18 @@ def test_the_decoder_in_a_file_lists_and_generates_with_plugin(tiny_gpt2):
     typical = next(entry for entry in listing if entry["name"] == "typical")
     assert (typical["plugin"], typical["source"]) == (str(path), "local")
     assert [option["name"] for option in typical["options"]] == ["tau", "temperature"]
-    result = runner.invoke(app, ["generate", "--model", str(tiny_gpt2), "--plugin", str(path), "--decoder", "typical",
-                                 "-o", "tau=0.9", "--length", "5", "--seed", "1", "--json"])
+    result = runner.invoke(
+        app, ["generate", "--model", str(tiny_gpt2), "--plugin", str(path), "--decoder", "typical", "-o", "tau=0.9", "--length", "5", "--seed", "1", "--json"]
+    )
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout)
     assert (row["decoder"], row["options"], len(row["token_ids"])) == ("typical", {"tau": 0.9, "temperature": 1.0}, 5)
 
 
 def test_the_guides_own_test_file_passes():
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "examples/test_typical_decoder.py"],
-                            cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "examples/test_typical_decoder.py"], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
 
@@ -244,8 +246,25 @@ def test_the_guides_own_test_file_passes():
 def test_the_sequence_decoder_example_passes_the_kit_and_runs(tiny_gpt2):
     path = EXAMPLES / "sample_and_rank.py"
     check_decoder(load_file(path)["SampleAndRank"])
-    result = runner.invoke(app, ["generate", "--model", str(tiny_gpt2), "--plugin", str(path), "--decoder", "sample-and-rank",
-                                 "--num-return-sequences", "3", "--length", "6", "--seed", "0", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(tiny_gpt2),
+            "--plugin",
+            str(path),
+            "--decoder",
+            "sample-and-rank",
+            "--num-return-sequences",
+            "3",
+            "--length",
+            "6",
+            "--seed",
+            "0",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert [len(json.loads(line)["token_ids"]) for line in result.stdout.splitlines()] == [6, 6, 6]
 
@@ -267,17 +286,14 @@ def test_diverse_beam_passes_the_kit(diverse_beam):
 def test_diverse_beam_with_one_group_and_no_penalty_is_beam_search(diverse_beam, num_beams):
     _, cls = diverse_beam
     prompts = [[1, 2, 3], [7]]
-    ours = generate(tiny_model(), prompts, cls(num_beams=num_beams, num_groups=1, diversity_penalty=0.0),
-                    max_new_tokens=10, num_return_sequences=num_beams)
-    beam = generate(tiny_model(), prompts, BeamSearch(num_beams=num_beams), max_new_tokens=10,
-                    num_return_sequences=num_beams)
+    ours = generate(tiny_model(), prompts, cls(num_beams=num_beams, num_groups=1, diversity_penalty=0.0), max_new_tokens=10, num_return_sequences=num_beams)
+    beam = generate(tiny_model(), prompts, BeamSearch(num_beams=num_beams), max_new_tokens=10, num_return_sequences=num_beams)
     assert [[c.token_ids for c in row] for row in ours] == [[c.token_ids for c in row] for row in beam]
 
 
 def test_diverse_beam_groups_start_differently_where_beams_do_not(diverse_beam):
     _, cls = diverse_beam
-    diverse = generate(tiny_model(), [[5]], cls(num_beams=4, num_groups=4, diversity_penalty=100.0),
-                       max_new_tokens=8, num_return_sequences=4)[0]
+    diverse = generate(tiny_model(), [[5]], cls(num_beams=4, num_groups=4, diversity_penalty=100.0), max_new_tokens=8, num_return_sequences=4)[0]
     plain = generate(tiny_model(), [[5]], BeamSearch(num_beams=4), max_new_tokens=8, num_return_sequences=4)[0]
     assert len({c.token_ids[0] for c in plain}) == 1  # plain beams all share their first token here
     assert len({c.token_ids[0] for c in diverse}) == 4
@@ -285,9 +301,27 @@ def test_diverse_beam_groups_start_differently_where_beams_do_not(diverse_beam):
 
 def test_diverse_beam_runs_from_the_command_line(diverse_beam, tiny_gpt2):
     path, _ = diverse_beam
-    result = runner.invoke(app, ["generate", "--model", str(tiny_gpt2), "--plugin", str(path), "--decoder", "diverse-beam",
-                                 "-o", "num_groups=2", "-o", "num_beams=4", "--num-return-sequences", "4",
-                                 "--length", "5", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(tiny_gpt2),
+            "--plugin",
+            str(path),
+            "--decoder",
+            "diverse-beam",
+            "-o",
+            "num_groups=2",
+            "-o",
+            "num_beams=4",
+            "--num-return-sequences",
+            "4",
+            "--length",
+            "5",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == 4 and all(row["decoder"] == "diverse-beam" for row in rows)
@@ -311,8 +345,9 @@ def run_block(name: str, containing: str, replace: dict[str, str], namespace: di
 
 def test_the_plugin_guides_from_python_example_runs(make_run, tiny_gpt2):
     run = make_run("lora", tiny_gpt2)
-    lines = run_block("docs/writing-plugins.md", 'get_decoder("topk")',
-                      {'"runs/lora"': repr(str(run)), "max_new_tokens=300": "max_new_tokens=40"})  # context 256
+    lines = run_block(
+        "docs/writing-plugins.md", 'get_decoder("topk")', {'"runs/lora"': repr(str(run)), "max_new_tokens=300": "max_new_tokens=40"}
+    )  # context 256
     assert len(lines) == 5
     assert all(line.split(" ", 1)[0] in ("stop", "length") for line in lines)
 
@@ -325,14 +360,29 @@ def test_the_generate_text_example_runs(make_run, tiny_gpt2):
 
 def test_the_library_example_trains_evaluates_and_merges(tiny_gpt2, text_files, tmp_path):
     settings = tmp_path / "lora.yaml"
-    settings.write_text(yaml.safe_dump({
-        "model": str(tiny_gpt2), "mode": "lora", "train_file": str(text_files["train"]), "valid_file": str(text_files["valid"]),
-        "output_dir": str(tmp_path / "run"), "max_steps": 2, "eval_steps": 2, "precision": "fp32",
-    }))
-    lines = run_block("docs/training.md", 'peftgen.train("configs/lora.yaml")', {
-        '"configs/lora.yaml"': repr(str(settings)), '"data/test.txt"': repr(str(text_files["test"])),
-        '"merged/"': repr(str(tmp_path / "merged")),
-    })
+    settings.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tiny_gpt2),
+                "mode": "lora",
+                "train_file": str(text_files["train"]),
+                "valid_file": str(text_files["valid"]),
+                "output_dir": str(tmp_path / "run"),
+                "max_steps": 2,
+                "eval_steps": 2,
+                "precision": "fp32",
+            }
+        )
+    )
+    lines = run_block(
+        "docs/training.md",
+        'peftgen.train("configs/lora.yaml")',
+        {
+            '"configs/lora.yaml"': repr(str(settings)),
+            '"data/test.txt"': repr(str(text_files["test"])),
+            '"merged/"': repr(str(tmp_path / "merged")),
+        },
+    )
     lines = [line for line in lines if not line.startswith("{")]  # Trainer's own log lines
     assert lines[0].split()[0] == str(tmp_path / "run") and float(lines[0].split()[1]) > 0
     assert float(lines[1]) > 1  # a perplexity
@@ -355,9 +405,16 @@ def test_the_loading_example_runs(make_run, tiny_gpt2, tmp_path, monkeypatch):
     gguf = write_tiny_llama_gguf(tmp_path / "tiny.gguf", tiny_llama(len(gpt2_bpe_prefix(400)[0])))
     run = make_run("lora", tiny_gpt2)
     namespace: dict = {}
-    run_block("docs/training.md", 'peftgen.load("runs/lora")', {
-        '"runs/lora"': repr(str(run)), '"gpt2"': repr(str(tiny_gpt2)), '"model.Q4_1.gguf"': repr(str(gguf)),
-    }, namespace)
+    run_block(
+        "docs/training.md",
+        'peftgen.load("runs/lora")',
+        {
+            '"runs/lora"': repr(str(run)),
+            '"gpt2"': repr(str(tiny_gpt2)),
+            '"model.Q4_1.gguf"': repr(str(gguf)),
+        },
+        namespace,
+    )
     assert type(namespace["model"]).__name__ == "LlamaForCausalLM"  # the last line loaded the GGUF file
 
 
@@ -414,10 +471,16 @@ def test_the_three_commands_print_what_the_readme_shows(tmp_path, monkeypatch):
     assert seed and re.fullmatch(r"\(seed (\d+): pass --seed \1 to repeat this output\)", result.stderr.splitlines()[-1])
 
     # The same three steps from Python, as the README shows them, into folders of their own
-    lines = run_block("README.md", "peftgen.prepare(", {
-        '"gpt2"': '"tiny-gpt2"', '"data/books"': '"data/books-py"', '"data/books/': '"data/books-py/',
-        '"output_dir": "runs/books"': '"output_dir": "runs/books-py", "max_steps": 1',
-    })
+    lines = run_block(
+        "README.md",
+        "peftgen.prepare(",
+        {
+            '"gpt2"': '"tiny-gpt2"',
+            '"data/books"': '"data/books-py"',
+            '"data/books/': '"data/books-py/',
+            '"output_dir": "runs/books"': '"output_dir": "runs/books-py", "max_steps": 1',
+        },
+    )
     assert (tmp_path / "data" / "books-py" / "train.txt").is_file() and (tmp_path / "runs" / "books-py" / "run.json").is_file()
     assert sum(line.startswith(("stop ", "length ")) for line in lines) >= 2
 

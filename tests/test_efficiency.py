@@ -1,9 +1,12 @@
 """Training-time model changes: attention dropout set where the model reads it, frozen weights in bf16 changing nothing."""
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from peftgen import config as config_lib, efficiency, model as model_lib
+from peftgen import config as config_lib
+from peftgen import efficiency
+from peftgen import model as model_lib
 from peftgen.errors import PeftgenError
 
 IDS = torch.tensor([[50256, 464, 1468, 1110, 318, 257]])
@@ -175,3 +178,12 @@ def test_checkpoint_layers_recomputes_the_first_share_of_layers_and_learns_the_s
 def test_checkpoint_layers_outside_zero_to_one_is_refused(share):
     with pytest.raises(PeftgenError, match="checkpoint_layers"):
         config_lib.resolve(None, {"mode": "lora", "train_file": "x", "checkpoint_layers": share}).validate()
+
+
+def test_lora_recomputes_a_quarter_of_its_layers_unless_told_otherwise():
+    def share(**settings):
+        return config_lib.resolve(None, {"train_file": "x", **settings}).checkpointed_share
+
+    assert share(mode="lora") == 0.25
+    assert share(mode="8bit") == share(mode="full") == 1.0
+    assert share(mode="lora", checkpoint_layers=1.0) == 1.0

@@ -2,6 +2,7 @@
 Llama-architecture model, batched prompts of different lengths), stop tokens stop it,
 its step/reorder API is enough to write a sequence decoder from outside, and beam search
 uses no more of it than the DecodingEngine contract lists."""
+
 from __future__ import annotations
 
 import itertools
@@ -50,8 +51,8 @@ def _padded(prompts, pad=PAD):
     ids = torch.full((len(prompts), width), pad)
     mask = torch.zeros_like(ids)
     for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
     return ids, mask
 
 
@@ -59,7 +60,7 @@ def _reference(model, **kwargs) -> list[list[int]]:
     """model.generate's new tokens per returned row, cut after the first stop token."""
     ids, mask = _padded(PROMPTS)
     out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, pad_token_id=PAD, **kwargs)
-    return [_cut(row, kwargs.get("eos_token_id") or []) for row in out[:, ids.shape[1]:].tolist()]
+    return [_cut(row, kwargs.get("eos_token_id") or []) for row in out[:, ids.shape[1] :].tolist()]
 
 
 def _cut(row: list[int], stop) -> list[int]:
@@ -93,13 +94,11 @@ BEAM_SETTINGS = [  # num_beams, length_penalty, early_stopping, num_return_seque
 
 @pytest.mark.parametrize("num_beams, length_penalty, early_stopping, n, ngram", BEAM_SETTINGS)
 def test_beam_equals_generate_token_for_token_and_in_order(model, num_beams, length_penalty, early_stopping, n, ngram):
-    settings = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
-                    no_repeat_ngram_size=ngram)
+    settings = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping, no_repeat_ngram_size=ngram)
     free = generate(model, PROMPTS, BeamSearch(**settings), max_new_tokens=NEW, num_return_sequences=n)
     changed = False
     for stop in _stop_sets(model, **settings):
-        ours = generate(model, PROMPTS, BeamSearch(**settings), max_new_tokens=NEW, num_return_sequences=n,
-                        stop_tokens=stop, pad_token_id=PAD)
+        ours = generate(model, PROMPTS, BeamSearch(**settings), max_new_tokens=NEW, num_return_sequences=n, stop_tokens=stop, pad_token_id=PAD)
         expected = _reference(model, num_return_sequences=n, eos_token_id=stop, **settings)
         assert [c.token_ids for completions in ours for c in completions] == expected
         assert all(len(completions) == n for completions in ours)
@@ -120,8 +119,7 @@ def test_no_repeat_ngram_size_changes_what_beam_search_repeats():
     """The check above can fail: a bigram model's beams repeat n-grams unless told not to."""
     generator = torch.Generator().manual_seed(0)
     model = bigram_model(torch.randn(12, 12, generator=generator) * 3)
-    plain, banned = (generate(model, [[1]], BeamSearch(num_beams=2, no_repeat_ngram_size=size), max_new_tokens=12)[0][0]
-                     for size in (0, 2))
+    plain, banned = (generate(model, [[1]], BeamSearch(num_beams=2, no_repeat_ngram_size=size), max_new_tokens=12)[0][0] for size in (0, 2))
     assert _repeated_ngrams([1] + plain.token_ids, 2)
     assert not _repeated_ngrams([1] + banned.token_ids, 2)
 
@@ -141,13 +139,12 @@ def test_beam_equals_generate_on_a_bigram_model_where_lengths_compete(table_seed
     for boost in (0.0, 4.0):
         model = bigram_model(table + boost * (torch.arange(12) % 7 == 0)[:, None], position_bias)  # tokens 0 and 7
         for num_beams, length_penalty, stop in itertools.product((2, 3), (-1.0, 0.0, 1.0, 2.0), ([0], [0, 7])):
-            settings = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
-                            no_repeat_ngram_size=ngram)
-            ours = generate(model, prompts, BeamSearch(**settings), max_new_tokens=10,
-                            num_return_sequences=num_beams, stop_tokens=stop, pad_token_id=0)
-            out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=10, pad_token_id=0,
-                                 eos_token_id=stop, num_return_sequences=num_beams, **settings)
-            expected = [_cut(row, stop) for row in out[:, ids.shape[1]:].tolist()]
+            settings = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping, no_repeat_ngram_size=ngram)
+            ours = generate(model, prompts, BeamSearch(**settings), max_new_tokens=10, num_return_sequences=num_beams, stop_tokens=stop, pad_token_id=0)
+            out = model.generate(
+                ids, attention_mask=mask, do_sample=False, max_new_tokens=10, pad_token_id=0, eos_token_id=stop, num_return_sequences=num_beams, **settings
+            )
+            expected = [_cut(row, stop) for row in out[:, ids.shape[1] :].tolist()]
             assert [c.token_ids for completions in ours for c in completions] == expected, (boost, settings, stop)
 
 
@@ -186,15 +183,11 @@ def test_generation_stops_at_the_stop_token(model):
 def test_prompt_longer_than_the_context_is_a_clear_error(model):
     with pytest.raises(PeftgenError) as error:
         generate(model, [[1] * 300], Greedy(), max_new_tokens=5)
-    assert str(error.value) == (
-        "The prompt is 300 tokens, but the model's context is 256 tokens and generation needs room for new ones. "
-        "Shorten the prompt."
-    )
+    assert str(error.value) == ("The prompt is 300 tokens, but the model's context is 256 tokens and generation needs room for new ones. Shorten the prompt.")
     with pytest.raises(PeftgenError) as error:
         generate(model, [[1] * 200], Greedy(), max_new_tokens=100)
     assert str(error.value) == (
-        "The prompt (200 tokens) plus --max-new-tokens 100 is 300 tokens, more than the model's context of 256. "
-        "Use --max-new-tokens 56 or less."
+        "The prompt (200 tokens) plus --max-new-tokens 100 is 300 tokens, more than the model's context of 256. Use --max-new-tokens 56 or less."
     )
 
 
@@ -248,8 +241,15 @@ def test_the_layout_of_cpu_matmuls_is_a_parameter_and_both_layouts_give_the_same
     heads = {}  # the output layer's class while each layout decodes
     for layout in ("skinny", "standard"):
         seen = set()
-        results = generate(model, PROMPTS, Greedy(), max_new_tokens=NEW, pad_token_id=PAD, matmul_layout=layout,
-                           on_token=lambda step, tokens: seen.add(type(model.get_output_embeddings()).__name__))
+        results = generate(
+            model,
+            PROMPTS,
+            Greedy(),
+            max_new_tokens=NEW,
+            pad_token_id=PAD,
+            matmul_layout=layout,
+            on_token=lambda step, tokens, seen=seen: seen.add(type(model.get_output_embeddings()).__name__),
+        )
         heads[layout] = (seen, [c[0].token_ids for c in results])
     assert heads["skinny"][0] == {"_Skinny"} and heads["standard"][0] == {"Linear"}
     assert heads["skinny"][1] == heads["standard"][1] == _reference(model, eos_token_id=None)
@@ -264,23 +264,36 @@ def test_the_engine_has_every_member_the_contract_lists(model):
     with torch.inference_mode():
         engine = Engine(model, PROMPTS, max_new_tokens=3, stop_tokens=[PAD])
     assert isinstance(engine, DecodingEngine)
-    assert ENGINE_MEMBERS == {"batch_size", "max_new_tokens", "prompt_ids", "prompt_mask", "stop_tokens", "pad_token_id",
-                              "generator", "device", "start", "step", "reorder", "completion"}
+    assert ENGINE_MEMBERS == {
+        "batch_size",
+        "max_new_tokens",
+        "prompt_ids",
+        "prompt_mask",
+        "stop_tokens",
+        "pad_token_id",
+        "generator",
+        "device",
+        "start",
+        "step",
+        "reorder",
+        "completion",
+    }
 
 
 @pytest.mark.parametrize("num_beams, length_penalty, early_stopping, n, ngram", BEAM_SETTINGS)
 def test_beam_search_uses_only_what_the_contract_lists(model, num_beams, length_penalty, early_stopping, n, ngram):
     """Through an engine that has nothing but DecodingEngine's members, beam search runs and
     returns what generate returns (a use of anything else is a ContractError)."""
-    beam = BeamSearch(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
-                      no_repeat_ngram_size=ngram)
+    beam = BeamSearch(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping, no_repeat_ngram_size=ngram)
     free = generate(model, PROMPTS, beam, max_new_tokens=NEW, num_return_sequences=n, pad_token_id=PAD, matmul_layout="standard")
     produced = sorted({completions[-1].token_ids[2] for completions in free})  # stop tokens the hypotheses meet
     for stop in ([], produced):
-        expected = free if not stop else generate(model, PROMPTS, beam, max_new_tokens=NEW, num_return_sequences=n,
-                                                  stop_tokens=stop, pad_token_id=PAD, matmul_layout="standard")
-        through = decode_with_contract_only(beam, model, PROMPTS, num_return_sequences=n, max_new_tokens=NEW,
-                                            stop_tokens=stop, pad_token_id=PAD)
+        expected = (
+            free
+            if not stop
+            else generate(model, PROMPTS, beam, max_new_tokens=NEW, num_return_sequences=n, stop_tokens=stop, pad_token_id=PAD, matmul_layout="standard")
+        )
+        through = decode_with_contract_only(beam, model, PROMPTS, num_return_sequences=n, max_new_tokens=NEW, stop_tokens=stop, pad_token_id=PAD)
         assert through == expected
     assert expected != free  # the stop tokens mattered
 
@@ -358,5 +371,5 @@ def test_a_sequence_decoder_can_drive_the_engine_and_drop_rows(sampled_model):
             ids = torch.tensor([prompt + completion.token_ids])
             with torch.inference_mode():
                 logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float(), dim=-1)
-            total = logp.gather(1, ids[0, len(prompt):, None]).sum().item()
+            total = logp.gather(1, ids[0, len(prompt) :, None]).sum().item()
             assert completion.score == pytest.approx(total, abs=1e-3)

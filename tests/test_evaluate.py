@@ -1,11 +1,13 @@
 """Perplexity: token-weighted over every label token, padding excluded."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from peftgen import data, model as model_lib
+from peftgen import data
+from peftgen import model as model_lib
 from peftgen.evaluation import evaluate
 
 

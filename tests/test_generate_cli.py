@@ -1,4 +1,5 @@
 """``peftgen generate`` and ``peftgen decoders`` from the command line."""
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,7 @@ def eos_run(tmp_path_factory, gpt2_tokenizer_dir):
         model.transformer.wte.weight[eos] = direction
         model.transformer.ln_f.weight.zero_()
         model.transformer.ln_f.bias.copy_(100 * direction)
-    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = (
-        tokenizer.bos_token_id, eos, tokenizer.pad_token_id)
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = (tokenizer.bos_token_id, eos, tokenizer.pad_token_id)
     folder = tmp_path_factory.mktemp("eos-run")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -60,8 +60,22 @@ def lines(result):
 
 
 def test_generate_json_one_object_per_sequence(tiny_gpt2):
-    args = ["generate", "--model", tiny_gpt2, "--prompt", "Hello", "--prompt", "Once upon a time",
-            "--num-return-sequences", "2", "--length", "6", "--seed", "3", "--json"]
+    args = [
+        "generate",
+        "--model",
+        tiny_gpt2,
+        "--prompt",
+        "Hello",
+        "--prompt",
+        "Once upon a time",
+        "--num-return-sequences",
+        "2",
+        "--length",
+        "6",
+        "--seed",
+        "3",
+        "--json",
+    ]
     rows = lines(invoke(*args))
     assert [row["prompt"] for row in rows] == ["Hello", "Hello", "Once upon a time", "Once upon a time"]
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
@@ -75,8 +89,7 @@ def test_generate_json_one_object_per_sequence(tiny_gpt2):
 
 def test_the_articles_command_defaults_to_bos_and_stops_at_eos(eos_run):
     # run_generation.py --prompt "<BOS>" --stop_token "<EOS>" --k 50 --length 300 --num_return_sequences 5
-    rows = lines(invoke("generate", "--model", eos_run, "-o", "k=50", "--length", "300",
-                        "--num-return-sequences", "5", "--seed", "0", "--json"))
+    rows = lines(invoke("generate", "--model", eos_run, "-o", "k=50", "--length", "300", "--num-return-sequences", "5", "--seed", "0", "--json"))
     eos = AutoTokenizer.from_pretrained(eos_run).eos_token_id
     assert len(rows) == 5
     for row in rows:
@@ -88,8 +101,9 @@ def test_stop_token_flag_ends_generation_and_is_left_out_of_the_text(tiny_gpt2):
     base = ["generate", "--model", tiny_gpt2, "--decoder", "greedy", "--prompt", "The", "--max-new-tokens", "12", "--json"]
     free = lines(invoke(*base))[0]
     # a generated token, after the first, that is a single token on its own and has not appeared before
-    index, token = next((i, t) for i, t in enumerate(free["token_ids"]) if i > 0
-                        and tokenizer.encode(tokenizer.decode([t])) == [t] and t not in free["token_ids"][:i])
+    index, token = next(
+        (i, t) for i, t in enumerate(free["token_ids"]) if i > 0 and tokenizer.encode(tokenizer.decode([t])) == [t] and t not in free["token_ids"][:i]
+    )
     stopped = lines(invoke(*base, "--stop-token", tokenizer.decode([token])))[0]
     assert stopped["token_ids"] == free["token_ids"][: index + 1]
     assert stopped["finish_reason"] == "stop"
@@ -106,49 +120,66 @@ def test_a_single_sequence_streams_as_readable_text(tiny_gpt2):
 def test_several_sequences_print_with_headers(tiny_gpt2, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("First prompt\n\nSecond prompt\n")
-    result = invoke("generate", "--model", tiny_gpt2, "--prompt-file", prompts, "--length", "4", "--decoder", "beam",
-                    "-o", "num_beams=2", "--num-return-sequences", "2")
+    result = invoke(
+        "generate", "--model", tiny_gpt2, "--prompt-file", prompts, "--length", "4", "--decoder", "beam", "-o", "num_beams=2", "--num-return-sequences", "2"
+    )
     assert result.exit_code == 0, result.output
     headers = [line for line in result.stdout.splitlines() if line.startswith("===")]
     assert headers == [
-        "=== sequence 1 · prompt 'First prompt' · length ===", "=== sequence 2 · prompt 'First prompt' · length ===",
-        "=== sequence 3 · prompt 'Second prompt' · length ===", "=== sequence 4 · prompt 'Second prompt' · length ===",
+        "=== sequence 1 · prompt 'First prompt' · length ===",
+        "=== sequence 2 · prompt 'First prompt' · length ===",
+        "=== sequence 3 · prompt 'Second prompt' · length ===",
+        "=== sequence 4 · prompt 'Second prompt' · length ===",
     ]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--decoder", "topkk"], "Unknown decoder 'topkk'. Available: beam, greedy, topk, topp (installed plugins add more; see 'peftgen decoders')."),
-    (["-o", "k=0"],
-     "Decoder 'topk' rejected its options: k must be at least 1, got 0. "
-     "Its options: k (int, default 50), temperature (float, default 1.0), p (float, default 1.0)."),
-    (["-o", "kk=3"], "Decoder 'topk' has no option 'kk'. Its options: k (int, default 50), temperature (float, default 1.0), p (float, default 1.0)."),
-    (["-o", "k"], "-o expects key=value, got 'k'. Example: -o temperature=0.7"),
-    (["--decoder", "topp", "-o", "p=1.5"],
-     "Decoder 'topp' rejected its options: p must be in (0, 1], got 1.5. "
-     "Its options: p (float, default 0.9), temperature (float, default 1.0)."),
-    (["--decoder", "beam", "--num-return-sequences", "6"],
-     "Decoder 'beam': num_return_sequences (6) is more than num_beams (5); beam search returns at most num_beams sequences per prompt. "
-     "Lower --num-return-sequences or pass -o num_beams=6"),
-    (["--decoder", "beam", "-o", "num_beams=0"],
-     "Decoder 'beam' rejected its options: num_beams must be at least 1, got 0. "
-     "Its options: num_beams (int, default 5), length_penalty (float, default 1.0), "
-     "early_stopping (bool | 'never', default False), no_repeat_ngram_size (int, default 0)."),
-    (["--prompt", " word" * 300],
-     "The prompt is 300 tokens, but the model's context is 256 tokens and generation needs room for new ones. "
-     "Shorten the prompt."),
-    (["--prompt", "Hi", "--max-new-tokens", "300"],
-     "The prompt (1 token) plus --max-new-tokens 300 is 301 tokens, more than the model's context of 256. "
-     "Use --max-new-tokens 255 or less."),
-    (["--stop-token", "two words"],
-     "--stop-token 'two words' is 2 tokens ['two', 'Ġwords'], not one. "
-     "A stop token must be a single token of the vocabulary, such as the eos token '<|endoftext|>'."),
-    (["--prompt", "a", "--prompt-file", "p.txt"], "Pass --prompt or --prompt-file, not both."),
-    (["--prompt-file", "missing.txt"], "--prompt-file missing.txt does not exist."),
-    (["--batch-size", "0"], "--batch-size must be between 1 and 65536, got 0."),
-    (["--num-return-sequences", "100000000"], "--num-return-sequences must be between 1 and 65536, got 100000000."),
-    (["--seed", "-1"], "--seed must be between 0 and 4294967295, got -1."),
-    (["--seed", str(2**64)], f"--seed must be between 0 and 4294967295, got {2**64}."),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--decoder", "topkk"], "Unknown decoder 'topkk'. Available: beam, greedy, topk, topp (installed plugins add more; see 'peftgen decoders')."),
+        (
+            ["-o", "k=0"],
+            "Decoder 'topk' rejected its options: k must be at least 1, got 0. "
+            "Its options: k (int, default 50), temperature (float, default 1.0), p (float, default 1.0).",
+        ),
+        (["-o", "kk=3"], "Decoder 'topk' has no option 'kk'. Its options: k (int, default 50), temperature (float, default 1.0), p (float, default 1.0)."),
+        (["-o", "k"], "-o expects key=value, got 'k'. Example: -o temperature=0.7"),
+        (
+            ["--decoder", "topp", "-o", "p=1.5"],
+            "Decoder 'topp' rejected its options: p must be in (0, 1], got 1.5. Its options: p (float, default 0.9), temperature (float, default 1.0).",
+        ),
+        (
+            ["--decoder", "beam", "--num-return-sequences", "6"],
+            "Decoder 'beam': num_return_sequences (6) is more than num_beams (5); beam search returns at most num_beams sequences per prompt. "
+            "Lower --num-return-sequences or pass -o num_beams=6",
+        ),
+        (
+            ["--decoder", "beam", "-o", "num_beams=0"],
+            "Decoder 'beam' rejected its options: num_beams must be at least 1, got 0. "
+            "Its options: num_beams (int, default 5), length_penalty (float, default 1.0), "
+            "early_stopping (bool | 'never', default False), no_repeat_ngram_size (int, default 0).",
+        ),
+        (
+            ["--prompt", " word" * 300],
+            "The prompt is 300 tokens, but the model's context is 256 tokens and generation needs room for new ones. Shorten the prompt.",
+        ),
+        (
+            ["--prompt", "Hi", "--max-new-tokens", "300"],
+            "The prompt (1 token) plus --max-new-tokens 300 is 301 tokens, more than the model's context of 256. Use --max-new-tokens 255 or less.",
+        ),
+        (
+            ["--stop-token", "two words"],
+            "--stop-token 'two words' is 2 tokens ['two', 'Ġwords'], not one. "
+            "A stop token must be a single token of the vocabulary, such as the eos token '<|endoftext|>'.",
+        ),
+        (["--prompt", "a", "--prompt-file", "p.txt"], "Pass --prompt or --prompt-file, not both."),
+        (["--prompt-file", "missing.txt"], "--prompt-file missing.txt does not exist."),
+        (["--batch-size", "0"], "--batch-size must be between 1 and 65536, got 0."),
+        (["--num-return-sequences", "100000000"], "--num-return-sequences must be between 1 and 65536, got 100000000."),
+        (["--seed", "-1"], "--seed must be between 0 and 4294967295, got -1."),
+        (["--seed", str(2**64)], f"--seed must be between 0 and 4294967295, got {2**64}."),
+    ],
+)
 def test_errors_are_one_clear_line(tiny_gpt2, args, message):
     result = invoke("generate", "--model", tiny_gpt2, *args)
     assert result.exit_code == 1
@@ -158,8 +189,21 @@ def test_errors_are_one_clear_line(tiny_gpt2, args, message):
 def test_generate_help_shows_every_flag():
     result = invoke("generate", "--help")
     assert result.exit_code == 0
-    for flag in ["--model", "--decoder", "--prompt", "--prompt-file", "--max-new-tokens", "--length",
-                 "--num-return-sequences", "--stop-token", "--seed", "--option", "-o", "--json", "--plugin"]:
+    for flag in [
+        "--model",
+        "--decoder",
+        "--prompt",
+        "--prompt-file",
+        "--max-new-tokens",
+        "--length",
+        "--num-return-sequences",
+        "--stop-token",
+        "--seed",
+        "--option",
+        "-o",
+        "--json",
+        "--plugin",
+    ]:
         assert flag in result.stdout
 
 
@@ -238,11 +282,14 @@ def test_a_trained_run_starts_at_bos_and_stops_at_eos_by_default(learnt_run):
     assert row["text"] == tokenizer.decode(row["token_ids"][:-1]) and "<EOS>" not in row["text"]
 
 
-@pytest.mark.parametrize("content, message", [
-    ("café\n".encode("latin-1"), "is not UTF-8 text (byte 3, line 1). Save it as UTF-8."),
-    ("first\nsecond\n".encode("utf-16"), "is not text: it is UTF-16 text. Give UTF-8 text, one prompt per line."),
-    (b"first\n\x00\x01\n", "is not text: it is binary, or UTF-16 without a byte-order mark: it holds NUL bytes. Give UTF-8 text, one prompt per line."),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("café\n".encode("latin-1"), "is not UTF-8 text (byte 3, line 1). Save it as UTF-8."),
+        ("first\nsecond\n".encode("utf-16"), "is not text: it is UTF-16 text. Give UTF-8 text, one prompt per line."),
+        (b"first\n\x00\x01\n", "is not text: it is binary, or UTF-16 without a byte-order mark: it holds NUL bytes. Give UTF-8 text, one prompt per line."),
+    ],
+)
 def test_a_prompt_file_that_is_not_utf8_text_is_one_clear_line(tiny_gpt2, tmp_path, content, message):
     (tmp_path / "prompts.txt").write_bytes(content)
     result = invoke("generate", "--model", tiny_gpt2, "--prompt-file", tmp_path / "prompts.txt")

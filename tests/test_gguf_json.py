@@ -4,6 +4,7 @@ The note saying so goes to stderr; stdout holds only the JSON lines. Each
 command runs as its own process, as a user runs it, so anything written to
 the real stdout is caught.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,7 @@ def test_eval_json_on_a_first_gguf_load_prints_only_json(tiny_gguf, tmp_path):
 
 
 def test_generate_json_on_a_first_gguf_load_prints_only_json(tiny_gguf, tmp_path):
-    args = ["generate", "--model", str(tiny_gguf), "--decoder", "greedy", "--length", "3", "--seed", "1",
-            "--prompt", "The farm", "--prompt", "A boy", "--json"]
+    args = ["generate", "--model", str(tiny_gguf), "--decoder", "greedy", "--length", "3", "--seed", "1", "--prompt", "The farm", "--prompt", "A boy", "--json"]
     result = peftgen(args, tmp_path / "cache")
     assert result.returncode == 0, result.stderr
     assert "Dequantising tiny.gguf" in result.stderr

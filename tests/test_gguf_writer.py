@@ -1,4 +1,5 @@
 """The tiny GGUF that tests use in place of SmolLM2 loads through transformers like the real one."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,9 +7,8 @@ import pytest
 pytest.importorskip("gguf")
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
 from gguf_writer import ENDOFTEXT, gpt2_bpe_prefix, tiny_llama, write_tiny_llama_gguf  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 
 @pytest.mark.parametrize("tied", [False, True])

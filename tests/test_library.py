@@ -1,4 +1,5 @@
 """The library under the CLI: each command is one call a notebook can make the same way."""
+
 import json
 import shutil
 import subprocess
@@ -17,14 +18,21 @@ runner = CliRunner()
 
 
 def test_import_peftgen_is_cheap_and_names_the_library():
-    script = ("import sys, peftgen; print(sorted(m for m in ('torch', 'transformers', 'peftgen.training') if m in sys.modules)); "
-              "print(all(name in dir(peftgen) for name in peftgen.__all__))")
+    script = (
+        "import sys, peftgen; print(sorted(m for m in ('torch', 'transformers', 'peftgen.training') if m in sys.modules)); "
+        "print(all(name in dir(peftgen) for name in peftgen.__all__))"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.stdout.splitlines() == ["[]", "True"], done.stderr
     from peftgen import evaluation, merging, preparation, text_generation, training
 
     assert (peftgen.train, peftgen.evaluate, peftgen.generate_text, peftgen.prepare, peftgen.merge) == (
-        training.train, evaluation.evaluate, text_generation.generate_text, preparation.prepare, merging.merge)
+        training.train,
+        evaluation.evaluate,
+        text_generation.generate_text,
+        preparation.prepare,
+        merging.merge,
+    )
     with pytest.raises(AttributeError, match="no attribute 'trian'"):
         getattr(peftgen, "trian")  # noqa: B009  the name is the point
 
@@ -32,9 +40,18 @@ def test_import_peftgen_is_cheap_and_names_the_library():
 @pytest.fixture(scope="module")
 def short_run(tiny_gpt2, text_files, tmp_path_factory):
     """peftgen.train() from a dict of settings, with a max_length shorter than most lines."""
-    settings = dict(model=str(tiny_gpt2), train_file=str(text_files["train"]), valid_file=str(text_files["valid"]),
-                    output_dir=str(tmp_path_factory.mktemp("library") / "run"), max_steps=2, eval_steps=2,
-                    batch_size=4, max_length=8, precision="fp32", lora_r=2)
+    settings = dict(
+        model=str(tiny_gpt2),
+        train_file=str(text_files["train"]),
+        valid_file=str(text_files["valid"]),
+        output_dir=str(tmp_path_factory.mktemp("library") / "run"),
+        max_steps=2,
+        eval_steps=2,
+        batch_size=4,
+        max_length=8,
+        precision="fp32",
+        lora_r=2,
+    )
     return peftgen.train(settings, progress=False)
 
 
@@ -66,10 +83,28 @@ def test_evaluate_a_plain_model_adds_the_markers_and_says_so(tiny_gpt2, text_fil
 
 
 def test_generate_text_gives_what_the_generate_command_prints(tiny_gpt2):
-    results = peftgen.generate_text(str(tiny_gpt2), ["Hello", "Once"], decoder="topk", options={"k": "5"},
-                                    max_new_tokens=4, num_return_sequences=2, seed=3)
-    printed = runner.invoke(app, ["generate", "--model", str(tiny_gpt2), "--prompt", "Hello", "--prompt", "Once", "-o", "k=5",
-                                  "--length", "4", "--num-return-sequences", "2", "--seed", "3", "--json"])
+    results = peftgen.generate_text(str(tiny_gpt2), ["Hello", "Once"], decoder="topk", options={"k": "5"}, max_new_tokens=4, num_return_sequences=2, seed=3)
+    printed = runner.invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(tiny_gpt2),
+            "--prompt",
+            "Hello",
+            "--prompt",
+            "Once",
+            "-o",
+            "k=5",
+            "--length",
+            "4",
+            "--num-return-sequences",
+            "2",
+            "--seed",
+            "3",
+            "--json",
+        ],
+    )
     assert [json.loads(line) for line in printed.stdout.splitlines()] == [r.to_dict() for r in results]
     assert [r.prompt for r in results] == ["Hello", "Hello", "Once", "Once"] and results[0].options["k"] == 5
 
@@ -79,8 +114,7 @@ def test_generate_text_streams_one_sequence_and_takes_a_loaded_model(tiny_gpt2):
 
     model, tokenizer = peftgen.load(tiny_gpt2)
     pieces = []
-    [result] = peftgen.generate_text(model, ["The"], tokenizer=tokenizer, decoder=Greedy(), max_new_tokens=6,
-                                     on_text=pieces.append)
+    [result] = peftgen.generate_text(model, ["The"], tokenizer=tokenizer, decoder=Greedy(), max_new_tokens=6, on_text=pieces.append)
     assert "".join(pieces) == result.text and len(pieces) == len(result.token_ids) == 6
     assert result.decoder == "greedy" and result.finish_reason == "length" and 0 <= result.seed < 2**31
     with pytest.raises(PeftgenError, match="--seed must be between 0 and 4294967295, got -1"):
@@ -97,8 +131,7 @@ def test_an_older_run_folder_with_everything_in_peftgen_yaml_still_loads(make_ru
     (old / "peftgen.yaml").write_text(yaml.safe_dump({**settings, "resume": False, "overwrite": True, **facts}, sort_keys=False))
 
     assert run_files.read_run_facts(old) == facts
-    assert peftgen.evaluate(old, text_files["test"], progress=False) == peftgen.evaluate(
-        make_run("lora", tiny_gpt2), text_files["test"], progress=False)
+    assert peftgen.evaluate(old, text_files["test"], progress=False) == peftgen.evaluate(make_run("lora", tiny_gpt2), text_files["test"], progress=False)
     [result] = peftgen.generate_text(old, decoder="greedy", max_new_tokens=3)
     assert result.prompt == "<BOS>"
     assert (peftgen.merge(old, tmp_path / "merged") / "config.json").is_file()

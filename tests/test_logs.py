@@ -1,4 +1,5 @@
 """Quieting library loggers is an explicit call (peftgen.logs.quiet_libraries), not a side effect of an import."""
+
 import subprocess
 import sys
 import textwrap

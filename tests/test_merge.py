@@ -1,4 +1,5 @@
 """peftgen merge: a plain Hugging Face folder whose logits match the unmerged run's."""
+
 import shutil
 
 import pytest
@@ -118,8 +119,5 @@ def test_the_merge_command_refuses_the_runs_parent_as_one_error_line(tiny_gpt2, 
     run = make_run("lora", tiny_gpt2)
     result = CliRunner().invoke(app, ["merge", str(run), "--output", str(run.parent), "--overwrite"])
     assert result.exit_code == 1
-    assert result.stderr == (
-        f"Error: --output {run.parent} contains the run folder ({run}); replacing it would delete that. "
-        "Choose another --output.\n"
-    )
+    assert result.stderr == (f"Error: --output {run.parent} contains the run folder ({run}); replacing it would delete that. Choose another --output.\n")
     assert run_files.is_run(run)

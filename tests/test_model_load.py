@@ -1,4 +1,5 @@
 """peftgen.model.load takes a Hub id, a folder, a GGUF file or a run of any mode."""
+
 import time
 from types import SimpleNamespace
 
@@ -56,7 +57,7 @@ def test_a_plain_folder_loads_and_can_get_the_special_tokens_untrained(tiny_gpt2
 
 def test_a_gguf_file_loads_through_transformers_and_is_cached(tmp_path, monkeypatch):
     pytest.importorskip("gguf")
-    from gguf_writer import tiny_llama, gpt2_bpe_prefix, write_tiny_llama_gguf
+    from gguf_writer import gpt2_bpe_prefix, tiny_llama, write_tiny_llama_gguf
 
     monkeypatch.setenv("PEFTGEN_CACHE", str(tmp_path / "cache"))
     tokens, _ = gpt2_bpe_prefix(400)
@@ -170,31 +171,34 @@ def test_a_base_without_an_end_token_gets_an_average_eos(tiny_gpt2):
 
 # Damaged folders: one line naming the file and what is wrong with it ----------
 
+
 def _truncate(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 RUN_DAMAGE = {
-    "truncated adapter": (lambda d: _truncate(d / "adapter_model.safetensors"),
-                          r"adapter weights of .*run \(adapter_model\.safetensors\) are damaged: .* truncated"),
-    "empty adapter": (lambda d: (d / "adapter_model.safetensors").write_bytes(b""),
-                      r"adapter weights of .*run \(adapter_model\.safetensors\) are damaged"),
-    "no adapter weights": (lambda d: (d / "adapter_model.safetensors").unlink(),
-                           r"run has adapter_config\.json but no adapter weights"),
-    "garbage adapter_config": (lambda d: (d / "adapter_config.json").write_text("{garbage"),
-                               r"run/adapter_config\.json is not valid JSON \(Expecting property name"),
-    "adapter_config not an object": (lambda d: (d / "adapter_config.json").write_text("[1, 2]"),
-                                     r"run/adapter_config\.json must hold a JSON object, not a list"),
-    "no tokenizer": (lambda d: [p.unlink() for p in d.iterdir() if p.name.startswith("tokenizer")],
-                     r"(tokenizer of .*run|run has no tokenizer).*copy them from the model it was trained from"),
-    "garbage peftgen.yaml": (lambda d: (d / "peftgen.yaml").write_text("mode: [lora\n"),
-                             r"run/peftgen\.yaml is damaged \(.*line 2"),
-    "empty peftgen.yaml": (lambda d: (d / "peftgen.yaml").write_text(""),
-                           r"run/peftgen\.yaml is incomplete: it has no model or mode"),
-    "incomplete peftgen.yaml": (lambda d: (d / "peftgen.yaml").write_text("mode: lora\n"),
-                                r"run/peftgen\.yaml is incomplete: it has no model\."),
-    "binary peftgen.yaml": (lambda d: (d / "peftgen.yaml").write_bytes(b"\xff\xfe\x00\x01"),
-                            r"run/peftgen\.yaml is damaged \('utf-8' codec"),
+    "truncated adapter": (
+        lambda d: _truncate(d / "adapter_model.safetensors"),
+        r"adapter weights of .*run \(adapter_model\.safetensors\) are damaged: .* truncated",
+    ),
+    "empty adapter": (lambda d: (d / "adapter_model.safetensors").write_bytes(b""), r"adapter weights of .*run \(adapter_model\.safetensors\) are damaged"),
+    "no adapter weights": (lambda d: (d / "adapter_model.safetensors").unlink(), r"run has adapter_config\.json but no adapter weights"),
+    "garbage adapter_config": (
+        lambda d: (d / "adapter_config.json").write_text("{garbage"),
+        r"run/adapter_config\.json is not valid JSON \(Expecting property name",
+    ),
+    "adapter_config not an object": (
+        lambda d: (d / "adapter_config.json").write_text("[1, 2]"),
+        r"run/adapter_config\.json must hold a JSON object, not a list",
+    ),
+    "no tokenizer": (
+        lambda d: [p.unlink() for p in d.iterdir() if p.name.startswith("tokenizer")],
+        r"(tokenizer of .*run|run has no tokenizer).*copy them from the model it was trained from",
+    ),
+    "garbage peftgen.yaml": (lambda d: (d / "peftgen.yaml").write_text("mode: [lora\n"), r"run/peftgen\.yaml is damaged \(.*line 2"),
+    "empty peftgen.yaml": (lambda d: (d / "peftgen.yaml").write_text(""), r"run/peftgen\.yaml is incomplete: it has no model or mode"),
+    "incomplete peftgen.yaml": (lambda d: (d / "peftgen.yaml").write_text("mode: lora\n"), r"run/peftgen\.yaml is incomplete: it has no model\."),
+    "binary peftgen.yaml": (lambda d: (d / "peftgen.yaml").write_bytes(b"\xff\xfe\x00\x01"), r"run/peftgen\.yaml is damaged \('utf-8' codec"),
 }
 
 
@@ -210,14 +214,13 @@ def test_a_damaged_run_folder_gets_one_line_naming_the_file(damage, tiny_gpt2, m
 
 
 MODEL_DAMAGE = {
-    "truncated weights": (lambda d: _truncate(d / "model.safetensors"),
-                          r"model weights of .*model \(model\.safetensors\) are damaged: .*truncated"),
-    "config.json not an object": (lambda d: (d / "config.json").write_text('["gpt2"]'),
-                                  r"model/config\.json must hold a JSON object, not a list"),
-    "config.json not JSON": (lambda d: (d / "config.json").write_text("model_type: gpt2"),
-                             r"model/config\.json is not valid JSON"),
-    "no tokenizer": (lambda d: [p.unlink() for p in d.iterdir() if p.name.startswith(("tokenizer", "vocab", "merges"))],
-                     r"model has no tokenizer \(an empty vocabulary was all it held\)"),
+    "truncated weights": (lambda d: _truncate(d / "model.safetensors"), r"model weights of .*model \(model\.safetensors\) are damaged: .*truncated"),
+    "config.json not an object": (lambda d: (d / "config.json").write_text('["gpt2"]'), r"model/config\.json must hold a JSON object, not a list"),
+    "config.json not JSON": (lambda d: (d / "config.json").write_text("model_type: gpt2"), r"model/config\.json is not valid JSON"),
+    "no tokenizer": (
+        lambda d: [p.unlink() for p in d.iterdir() if p.name.startswith(("tokenizer", "vocab", "merges"))],
+        r"model has no tokenizer \(an empty vocabulary was all it held\)",
+    ),
 }
 
 
@@ -241,8 +244,10 @@ def test_the_cli_prints_a_damaged_folder_as_one_error_line(tiny_gpt2, tmp_path):
 
     folder = shutil.copytree(tiny_gpt2, tmp_path / "model")
     _truncate(folder / "model.safetensors")
-    for command in (["generate", "--model", str(folder), "--seed", "1", "--length", "2"],
-                    ["eval", "--model", str(folder), "--file", str(folder / "config.json")]):
+    for command in (
+        ["generate", "--model", str(folder), "--seed", "1", "--length", "2"],
+        ["eval", "--model", str(folder), "--file", str(folder / "config.json")],
+    ):
         result = CliRunner().invoke(app, command)
         assert result.exit_code == 1, result.output
         assert result.output.count("Error:") == 1 and "Traceback" not in result.output
@@ -250,6 +255,7 @@ def test_the_cli_prints_a_damaged_folder_as_one_error_line(tiny_gpt2, tmp_path):
 
 
 # Settings that depend on the model ---------------------------------------------
+
 
 def test_max_length_beyond_the_context_is_capped_to_it(tiny_gpt2, capsys):
     from peftgen import config as config_lib
@@ -264,8 +270,11 @@ def test_target_modules_the_model_lacks_are_refused_with_those_it_has(tiny_gpt2)
     from peftgen import config as config_lib
 
     config = config_lib.resolve(None, {"train_file": "t", "model": str(tiny_gpt2), "target_modules": "c_attn,q_proj"})
-    with pytest.raises(PeftgenError, match=r"target_modules 'q_proj' not in this gpt2 model\. "
-                                           r"Its layers LoRA can adapt: c_attn, c_fc, c_proj, lm_head, wpe, wte\."):
+    with pytest.raises(
+        PeftgenError,
+        match=r"target_modules 'q_proj' not in this gpt2 model\. "
+        r"Its layers LoRA can adapt: c_attn, c_fc, c_proj, lm_head, wpe, wte\.",
+    ):
         model_lib.prepare_for_training(config)
     # Full names and name suffixes match, as PEFT matches them.
     model, _ = model_lib.load_pretrained(str(tiny_gpt2))

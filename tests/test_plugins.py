@@ -1,5 +1,6 @@
 """Plugin loading: built-ins come through the same hook as everyone else's; local files,
 entry points and PEFTGEN_* variables work; broken plugins are named, not fatal."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -14,8 +15,7 @@ from peftgen.errors import PeftgenError
 from peftgen.generation.decoder import Completion
 from peftgen.testing import isolated_plugins
 
-BUILTINS = {"greedy": "peftgen.decoders.greedy", "topk": "peftgen.decoders.topk",
-            "topp": "peftgen.decoders.topp", "beam": "peftgen.decoders.beam"}
+BUILTINS = {"greedy": "peftgen.decoders.greedy", "topk": "peftgen.decoders.topk", "topp": "peftgen.decoders.topp", "beam": "peftgen.decoders.beam"}
 
 
 class Last(TokenDecoder):
@@ -77,10 +77,7 @@ def test_unknown_decoder_lists_the_available_ones(monkeypatch):
     monkeypatch.setenv("PEFTGEN_DISABLE_PLUGINS", "minp")  # the example plugin, when installed
     with isolated_plugins(), pytest.raises(PeftgenError) as error:
         plugins.get_decoder("topkk")
-    assert str(error.value) == (
-        "Unknown decoder 'topkk'. Available: beam, greedy, topk, topp "
-        "(installed plugins add more; see 'peftgen decoders')."
-    )
+    assert str(error.value) == ("Unknown decoder 'topkk'. Available: beam, greedy, topk, topp (installed plugins add more; see 'peftgen decoders').")
 
 
 def write_plugin(folder, name, body) -> str:
@@ -216,6 +213,7 @@ def test_importing_peftgen_does_not_import_torch():
 
 # Misbehaving decoders: each gets one clear error naming it, at whatever step -----
 
+
 def test_a_plugin_calling_sys_exit_at_import_is_a_warning_not_the_end(tmp_path):
     path = write_plugin(tmp_path, "exiting_decoder", "import sys\nsys.exit(3)\n")
     with isolated_plugins(), pytest.warns(plugins.PluginWarning, match=r"Plugin '.*exiting_decoder.py' failed to load and is skipped: SystemExit: 3"):
@@ -278,11 +276,14 @@ class LateNegative(TokenDecoder):
         return ids
 
 
-@pytest.mark.parametrize("decoder, message", [
-    (LateOutOfRange(), r"^Decoder 'late-range' returned token ids outside \[0, 96\) from select\(\) at step 2; it must return ids"),
-    (LateShape(), r"^Decoder 'late-shape' returned a tensor of shape \(4,\) from select\(\) at step 3; it must return a \(3,\) int64"),
-    (LateNegative(), r"^Decoder 'late-negative' returned token ids outside \[0, 96\) from select\(\) at step 4"),
-])
+@pytest.mark.parametrize(
+    "decoder, message",
+    [
+        (LateOutOfRange(), r"^Decoder 'late-range' returned token ids outside \[0, 96\) from select\(\) at step 2; it must return ids"),
+        (LateShape(), r"^Decoder 'late-shape' returned a tensor of shape \(4,\) from select\(\) at step 3; it must return a \(3,\) int64"),
+        (LateNegative(), r"^Decoder 'late-negative' returned token ids outside \[0, 96\) from select\(\) at step 4"),
+    ],
+)
 def test_select_is_checked_at_every_step_not_only_the_first(decoder, message):
     from peftgen.generation import generate
     from peftgen.testing import tiny_model
@@ -350,14 +351,17 @@ class Wrongful(SequenceDecoder):
         }[self.result]
 
 
-@pytest.mark.parametrize("result, message", [
-    ("dict", r"^Decoder 'wrongful' returned a dict from decode\(\); it must return one list of Completions per prompt\.$"),
-    ("strings", r"^Decoder 'wrongful' returned a str for prompt 0; each result must be a Completion"),
-    ("empty", r"^Decoder 'wrongful' returned an empty list for prompt 0; it must return a list of at least one Completion\.$"),
-    ("float ids", r"^Decoder 'wrongful' returned a Completion for prompt 0 whose token_ids are not a list of ints\.$"),
-    ("reason", r"^Decoder 'wrongful' returned a Completion for prompt 0 with finish_reason 'done'; it must be 'stop' or 'length'\.$"),
-    ("short", r"^Decoder 'wrongful' returned results for 1 prompts, expected 2\.$"),
-])
+@pytest.mark.parametrize(
+    "result, message",
+    [
+        ("dict", r"^Decoder 'wrongful' returned a dict from decode\(\); it must return one list of Completions per prompt\.$"),
+        ("strings", r"^Decoder 'wrongful' returned a str for prompt 0; each result must be a Completion"),
+        ("empty", r"^Decoder 'wrongful' returned an empty list for prompt 0; it must return a list of at least one Completion\.$"),
+        ("float ids", r"^Decoder 'wrongful' returned a Completion for prompt 0 whose token_ids are not a list of ints\.$"),
+        ("reason", r"^Decoder 'wrongful' returned a Completion for prompt 0 with finish_reason 'done'; it must be 'stop' or 'length'\.$"),
+        ("short", r"^Decoder 'wrongful' returned results for 1 prompts, expected 2\.$"),
+    ],
+)
 def test_a_sequence_decoder_returning_something_else_than_completions_is_named(result, message):
     from peftgen.generation import generate
     from peftgen.testing import tiny_model

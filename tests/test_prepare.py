@@ -1,4 +1,5 @@
 """``peftgen prepare``: formats, split sizes, determinism, no overlap, bad rows, overwrite."""
+
 from __future__ import annotations
 
 import json
@@ -32,16 +33,19 @@ def test_real_sample_is_split_70_20_10_into_canonical_lines(tmp_path):
         assert LINE.match(line) and "  " not in line
     # Every summary of the sample comes out whole, once.
     summaries = {" ".join(row.split("\t")[6].split()) for row in SAMPLE.read_text(encoding="utf-8").splitlines()}
-    assert {line[len("<BOS> "):-len(" <EOS>")] for line in sum(out.values(), [])} == summaries
+    assert {line[len("<BOS> ") : -len(" <EOS>")] for line in sum(out.values(), [])} == summaries
 
 
-@pytest.mark.parametrize("n, fractions, sizes", [
-    (32, (0.7, 0.2, 0.1), (22, 7, 3)),
-    (10, (0.5, 0.3, 0.2), (5, 3, 2)),
-    (3, (0.7, 0.2, 0.1), (1, 1, 1)),      # a non-empty fraction never gets an empty split
-    (1, (0.7, 0.2, 0.1), (1, 0, 0)),
-    (7, (1.0, 0.0, 0.0), (7, 0, 0)),
-])
+@pytest.mark.parametrize(
+    "n, fractions, sizes",
+    [
+        (32, (0.7, 0.2, 0.1), (22, 7, 3)),
+        (10, (0.5, 0.3, 0.2), (5, 3, 2)),
+        (3, (0.7, 0.2, 0.1), (1, 1, 1)),  # a non-empty fraction never gets an empty split
+        (1, (0.7, 0.2, 0.1), (1, 0, 0)),
+        (7, (1.0, 0.0, 0.0), (7, 0, 0)),
+    ],
+)
 def test_split_sizes_add_up(n, fractions, sizes):
     assert p.split_sizes(n, fractions) == sizes
 
@@ -75,11 +79,11 @@ def test_duplicates_never_land_in_two_splits(tmp_path):
 def test_bad_rows_are_skipped_and_reported_with_line_numbers(tmp_path):
     rows = [
         cmu_row(1, "A tab\tinside the summary.").encode(),  # line 1: an eighth column
-        b"only\tfour\tcolumns\there",                   # line 2: wrong column count
-        cmu_row(3, "   ").encode(),                      # line 3: empty summary
+        b"only\tfour\tcolumns\there",  # line 2: wrong column count
+        cmu_row(3, "   ").encode(),  # line 3: empty summary
         cmu_row(4, "Caf\xe9 au lait.").encode("latin-1"),  # line 4: not UTF-8
         cmu_row(5, "Fine too.").encode(),
-        cmu_row(6, "Ends the <EOS> early.").encode(),    # line 6: contains a marker
+        cmu_row(6, "Ends the <EOS> early.").encode(),  # line 6: contains a marker
         cmu_row(7, "Last one, no newline.").encode(),
     ]
     (tmp_path / "books.txt").write_bytes(b"\n".join(rows))
@@ -91,8 +95,7 @@ def test_bad_rows_are_skipped_and_reported_with_line_numbers(tmp_path):
         (4, f"undecodable bytes (not UTF-8) at byte {len(cmu_row(4, 'Caf'))}"),
         (6, "text contains the marker <EOS>"),
     ]
-    assert sorted(sum(read_split(tmp_path / "out").values(), [])) == [
-        "<BOS> Fine too. <EOS>", "<BOS> Last one, no newline. <EOS>"]
+    assert sorted(sum(read_split(tmp_path / "out").values(), [])) == ["<BOS> Fine too. <EOS>", "<BOS> Last one, no newline. <EOS>"]
     text = p.report(result)
     assert "Skipped 5 bad line(s)" in text
     assert "4 columns, expected 7: line(s) 2 (1)" in text
@@ -101,22 +104,23 @@ def test_bad_rows_are_skipped_and_reported_with_line_numbers(tmp_path):
 
 def test_whitespace_is_normalised_and_jsonl_text_field_is_read(tmp_path):
     rows = [{"summary": f"Book {i}:\n\tit\u00a0 ends, café.  ", "id": i} for i in range(5)] + [{"id": 9}, "not json"]
-    (tmp_path / "in.jsonl").write_text(
-        "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    (tmp_path / "in.jsonl").write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     result = p.prepare(tmp_path / "in.jsonl", tmp_path / "out", text_field="summary")
     assert result.format == "jsonl"
     lines = sorted(sum(read_split(tmp_path / "out").values(), []))
     assert lines == [f"<BOS> Book {i}: it ends, café. <EOS>" for i in range(5)]
-    assert [(r.line, r.reason) for r in result.skipped] == [
-        (6, "no 'summary' field (choose another with --text-field)"), (7, "not valid JSON")]
+    assert [(r.line, r.reason) for r in result.skipped] == [(6, "no 'summary' field (choose another with --text-field)"), (7, "not valid JSON")]
 
 
-@pytest.mark.parametrize("name, content, expected", [
-    ("books.txt", cmu_row(1, "A summary.") + "\n", "cmu"),
-    ("data.json", '{"text": "a"}\n', "jsonl"),
-    ("x.jsonl", "whatever\n", "jsonl"),
-    ("notes.txt", "\n\nJust a line of prose.\n", "text"),
-])
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("books.txt", cmu_row(1, "A summary.") + "\n", "cmu"),
+        ("data.json", '{"text": "a"}\n', "jsonl"),
+        ("x.jsonl", "whatever\n", "jsonl"),
+        ("notes.txt", "\n\nJust a line of prose.\n", "text"),
+    ],
+)
 def test_format_is_detected(tmp_path, name, content, expected):
     (tmp_path / name).write_text(content, encoding="utf-8")
     assert p.detect_format(tmp_path / name) == expected
@@ -125,8 +129,7 @@ def test_format_is_detected(tmp_path, name, content, expected):
 def test_plain_text_given_explicitly_keeps_tabs_as_spaces(tmp_path):
     (tmp_path / "in.txt").write_text(cmu_row(1, "x") + "\nsecond line\n", encoding="utf-8")
     p.prepare(tmp_path / "in.txt", tmp_path / "out", format="text", split="1,0,0")
-    assert sorted(read_split(tmp_path / "out")["train"]) == [
-        "<BOS> 1 /m/1 Title 1 Author 1999 {} x <EOS>", "<BOS> second line <EOS>"]
+    assert sorted(read_split(tmp_path / "out")["train"]) == ["<BOS> 1 /m/1 Title 1 Author 1999 {} x <EOS>", "<BOS> second line <EOS>"]
 
 
 def test_a_file_without_good_rows_is_an_error(tmp_path):
@@ -159,6 +162,7 @@ def test_memory_stays_flat_on_a_big_file(tmp_path):
 
 
 # Token lengths and long examples, with the real GPT-2 tokenizer -------------
+
 
 @pytest.fixture(scope="module")
 def gpt2_tok(gpt2_tokenizer_dir):
@@ -221,6 +225,7 @@ def test_max_tokens_needs_a_tokenizer(tmp_path):
 
 # The command -----------------------------------------------------------------
 
+
 def test_cli_prepares_and_prints_counts(tmp_path):
     from typer.testing import CliRunner
 
@@ -239,6 +244,7 @@ def test_cli_prepares_and_prints_counts(tmp_path):
 
 # Compressed and non-text input, the output folder ------------------------------
 
+
 def _tar(path: Path, members: dict[str, bytes], mode: str = "w:gz") -> Path:
     import io
     import tarfile
@@ -254,10 +260,14 @@ def _tar(path: Path, members: dict[str, bytes], mode: str = "w:gz") -> Path:
 @pytest.mark.parametrize("name, mode", [("booksummaries.tar.gz", "w:gz"), ("books.tgz", "w:gz"), ("books.tar", "w")])
 def test_a_tar_of_the_sample_gives_the_same_splits_as_the_tsv(tmp_path, name, mode):
     # Laid out as the dataset's own archive: a folder with a README beside booksummaries.txt.
-    archive = _tar(tmp_path / name, {
-        "booksummaries/README": b"CMU Book Summary Dataset\n",
-        "booksummaries/booksummaries.txt": SAMPLE.read_bytes(),
-    }, mode)
+    archive = _tar(
+        tmp_path / name,
+        {
+            "booksummaries/README": b"CMU Book Summary Dataset\n",
+            "booksummaries/booksummaries.txt": SAMPLE.read_bytes(),
+        },
+        mode,
+    )
     from_tsv = p.prepare(SAMPLE, tmp_path / "tsv", seed=5)
     from_tar = p.prepare(archive, tmp_path / "tar", seed=5)
     assert from_tar.format == "cmu" and from_tar.examples == from_tsv.examples == {"train": 22, "valid": 7, "test": 3}
@@ -265,9 +275,14 @@ def test_a_tar_of_the_sample_gives_the_same_splits_as_the_tsv(tmp_path, name, mo
         assert (tmp_path / "tar" / f"{split}.txt").read_bytes() == (tmp_path / "tsv" / f"{split}.txt").read_bytes()
 
 
-@pytest.mark.parametrize("suffix, compress", [
-    (".gz", __import__("gzip").compress), (".bz2", __import__("bz2").compress), (".xz", __import__("lzma").compress),
-])
+@pytest.mark.parametrize(
+    "suffix, compress",
+    [
+        (".gz", __import__("gzip").compress),
+        (".bz2", __import__("bz2").compress),
+        (".xz", __import__("lzma").compress),
+    ],
+)
 def test_compressed_files_are_read_transparently(tmp_path, suffix, compress):
     (tmp_path / f"sample.tsv{suffix}").write_bytes(compress(SAMPLE.read_bytes()))
     p.prepare(SAMPLE, tmp_path / "plain")
@@ -299,14 +314,17 @@ def test_a_truncated_archive_is_refused(tmp_path):
         p.prepare(tmp_path / "cut.tsv.gz", tmp_path / "out")
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"one line\n" + b"\x00" * 40 + b"\nanother\n", r"is not text: it is binary, or UTF-16 without a byte-order mark"),
-    (cmu_row(1, "A summary.").encode("utf-16"), r"is not text: it is UTF-16 text"),
-    (cmu_row(1, "A summary.").encode("utf-16-le"), r"is not text: it is binary, or UTF-16"),
-    (b"PK\x03\x04" + b"zipped" * 10, r"is not text: it is a zip archive"),
-    # Random bytes without a NUL: lines that mostly do not decode, and the ones that do hold control bytes.
-    (bytes(b for b in __import__("random").Random(0).randbytes(30000) if b), r"is not text: \d+ of its \d+ lines are not UTF-8 text"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"one line\n" + b"\x00" * 40 + b"\nanother\n", r"is not text: it is binary, or UTF-16 without a byte-order mark"),
+        (cmu_row(1, "A summary.").encode("utf-16"), r"is not text: it is UTF-16 text"),
+        (cmu_row(1, "A summary.").encode("utf-16-le"), r"is not text: it is binary, or UTF-16"),
+        (b"PK\x03\x04" + b"zipped" * 10, r"is not text: it is a zip archive"),
+        # Random bytes without a NUL: lines that mostly do not decode, and the ones that do hold control bytes.
+        (bytes(b for b in __import__("random").Random(0).randbytes(30000) if b), r"is not text: \d+ of its \d+ lines are not UTF-8 text"),
+    ],
+)
 def test_input_that_is_not_text_is_refused_and_nothing_is_written(tmp_path, content, message):
     (tmp_path / "in.txt").write_bytes(content)
     with pytest.raises(PeftgenError, match=message):
@@ -319,8 +337,7 @@ def test_a_few_undecodable_lines_are_skipped_not_refused(tmp_path):
     (tmp_path / "in.txt").write_bytes(b"\n".join(rows))
     result = p.prepare(tmp_path / "in.txt", tmp_path / "out")
     assert sum(result.examples.values()) == 10
-    assert [(r.line, r.reason) for r in result.skipped] == [
-        (11, "undecodable bytes (not UTF-8) at byte 3"), (12, "not text (control byte 0x07)")]
+    assert [(r.line, r.reason) for r in result.skipped] == [(11, "undecodable bytes (not UTF-8) at byte 3"), (12, "not text (control byte 0x07)")]
 
 
 def test_an_output_folder_that_cannot_be_created_is_refused_before_reading(tmp_path):

@@ -1,4 +1,5 @@
 """Samples during training: samples.jsonl, the <EOS> rate, trackers, and training left unchanged."""
+
 from __future__ import annotations
 
 import json
@@ -46,9 +47,24 @@ def test_a_sampler_that_used_the_global_rng_would_be_caught(tiny_gpt2, make_run,
         return sample(self, model, step)
 
     monkeypatch.setattr(sampling.SampleCallback, "sample", careless)
-    settings = dict(model=str(tiny_gpt2), mode="lora", train_file=str(text_files["train"]), valid_file=str(text_files["valid"]),
-                    output_dir=str(tmp_path / "run"), max_steps=6, eval_steps=3, save_steps=3, logging_steps=1, batch_size=4,
-                    lr=1e-2, lora_r=4, lora_alpha=8, lora_dropout=0.0, precision="fp32", **SAMPLING)
+    settings = dict(
+        model=str(tiny_gpt2),
+        mode="lora",
+        train_file=str(text_files["train"]),
+        valid_file=str(text_files["valid"]),
+        output_dir=str(tmp_path / "run"),
+        max_steps=6,
+        eval_steps=3,
+        save_steps=3,
+        logging_steps=1,
+        batch_size=4,
+        lr=1e-2,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        precision="fp32",
+        **SAMPLING,
+    )
     train_lib.train(config_lib.resolve(None, settings), progress=False)
     train_loss, _ = losses(make_run("lora", tiny_gpt2))
     careless_loss, _ = losses(tmp_path / "run")
@@ -109,8 +125,7 @@ class FakeWriter:
 def callback_for(model, tokenizer, tmp_path, **settings):
     config = config_lib.TrainConfig(**{**SAMPLING, "sample_max_new_tokens": 4, **settings})
     logged, writer, printed = [], FakeWriter(), []
-    trainer = SimpleNamespace(model=model, log=logged.append,
-                              callback_handler=SimpleNamespace(callbacks=[SimpleNamespace(tb_writer=writer)]))
+    trainer = SimpleNamespace(model=model, log=logged.append, callback_handler=SimpleNamespace(callbacks=[SimpleNamespace(tb_writer=writer)]))
     callback = sampling.SampleCallback(config, tokenizer, tmp_path, trainer, echo=printed.append)
     return callback, logged, writer, printed
 
@@ -161,16 +176,19 @@ def test_only_every_nth_evaluation_and_only_the_main_process_samples(eos_model, 
     assert len(logged) == 1
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"sample_decoder": "topkk"}, "Unknown decoder 'topkk'. Available: "),
-    ({"sample_options": {"k": 0}}, "Decoder 'topk' rejected its options: k must be at least 1, got 0."),
-    ({"sample_options": {"kk": 5}}, "Decoder 'topk' has no option 'kk'."),
-    ({"sample_decoder": "beam", "sample_count": 6}, "num_return_sequences (6) is more than num_beams (5)"),
-    ({"sample_count": 0}, "sample_count must be at least 1, got 0."),
-    ({"sample_every": -1}, "sample_every must be 0 (no samples) or a number of evaluations, got -1."),
-    ({"valid_file": None}, "sample_every counts evaluations, and there are none without --valid-file."),
-    ({"sample_prompt": ""}, "sample_prompt is empty."),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"sample_decoder": "topkk"}, "Unknown decoder 'topkk'. Available: "),
+        ({"sample_options": {"k": 0}}, "Decoder 'topk' rejected its options: k must be at least 1, got 0."),
+        ({"sample_options": {"kk": 5}}, "Decoder 'topk' has no option 'kk'."),
+        ({"sample_decoder": "beam", "sample_count": 6}, "num_return_sequences (6) is more than num_beams (5)"),
+        ({"sample_count": 0}, "sample_count must be at least 1, got 0."),
+        ({"sample_every": -1}, "sample_every must be 0 (no samples) or a number of evaluations, got -1."),
+        ({"valid_file": None}, "sample_every counts evaluations, and there are none without --valid-file."),
+        ({"sample_prompt": ""}, "sample_prompt is empty."),
+    ],
+)
 def test_bad_sampling_settings_fail_before_any_model_loads(settings, message):
     values = {"train_file": "t.txt", "valid_file": "v.txt", **SAMPLING, **settings}
     with pytest.raises(PeftgenError) as caught:

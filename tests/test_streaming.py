@@ -1,5 +1,6 @@
 """A single sequence streams: each token's text is printed as soon as it is complete; a
 finished completion's text leaves out the stop token that ended it, and only that."""
+
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftgen import Completion
@@ -36,8 +37,7 @@ def test_tokens_reach_the_caller_while_generation_is_still_running(tiny_gpt2):
     forwards, seen = [], []
     hook = model.register_forward_hook(lambda *args: forwards.append(1))
     try:
-        result = generate(model, [[50256]], TopK(), max_new_tokens=6, seed=0,
-                          on_token=lambda step, tokens: seen.append((step, int(tokens[0]), len(forwards))))
+        result = generate(model, [[50256]], TopK(), max_new_tokens=6, seed=0, on_token=lambda step, tokens: seen.append((step, int(tokens[0]), len(forwards))))
     finally:
         hook.remove()
     assert [(step, token) for step, token, _ in seen] == list(enumerate(result[0][0].token_ids))

@@ -1,8 +1,11 @@
 """The direct forward of the new tokens' rows gives PEFT's outputs and gradients, and PEFT's saved format."""
+
 import pytest
 import torch
 
-from peftgen import config as config_lib, model as model_lib, token_rows
+from peftgen import config as config_lib
+from peftgen import model as model_lib
+from peftgen import token_rows
 
 
 def _lora(base, fast: bool):

@@ -3,6 +3,7 @@
 The main process alone prepares the run folder and reports; the two processes
 together take the same steps as one process with twice the per-device batch.
 """
+
 import json
 import os
 import shutil
@@ -32,9 +33,23 @@ def no_dropout_gpt2(tiny_gpt2, tmp_path_factory):
 
 
 def settings(model, text_files, out, **extra) -> dict:
-    values = dict(model=str(model), mode="lora", train_file=str(text_files["train"]), valid_file=str(text_files["valid"]),
-                  output_dir=str(out), max_steps=4, eval_steps=4, save_steps=2, logging_steps=1, batch_size=2,
-                  lr=2e-2, lora_r=4, lora_alpha=8, lora_dropout=0.0, precision="fp32")
+    values = dict(
+        model=str(model),
+        mode="lora",
+        train_file=str(text_files["train"]),
+        valid_file=str(text_files["valid"]),
+        output_dir=str(out),
+        max_steps=4,
+        eval_steps=4,
+        save_steps=2,
+        logging_steps=1,
+        batch_size=2,
+        lr=2e-2,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        precision="fp32",
+    )
     values.update(extra)
     return values
 
@@ -44,8 +59,7 @@ def torchrun(config: dict, folder, *flags, kill_after_checkpoint: int | None = N
     path.write_text(yaml.safe_dump(config))
     program = [__file__, str(kill_after_checkpoint)] if kill_after_checkpoint else ["-m", "peftgen"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    return subprocess.run([*TORCHRUN, *program, "train", "-c", str(path), *flags],
-                          capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([*TORCHRUN, *program, "train", "-c", str(path), *flags], capture_output=True, text=True, env=env, timeout=600)
 
 
 def losses(folder):

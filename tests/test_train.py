@@ -1,4 +1,5 @@
 """Training in full, LoRA and 8-bit modes, with the new special tokens trainable in every mode."""
+
 import json
 
 import pytest
@@ -118,8 +119,17 @@ def test_adapter_stores_only_the_new_rows_not_the_whole_embedding(tiny_gpt2, mak
 
 
 def _settings(base, text_files, out, **extra):
-    values = dict(model=str(base), mode="lora", train_file=str(text_files["train"]), output_dir=str(out),
-                  max_steps=4, save_steps=2, logging_steps=1, batch_size=4, precision="fp32")
+    values = dict(
+        model=str(base),
+        mode="lora",
+        train_file=str(text_files["train"]),
+        output_dir=str(out),
+        max_steps=4,
+        save_steps=2,
+        logging_steps=1,
+        batch_size=4,
+        precision="fp32",
+    )
     values.update(extra)
     return config_lib.resolve(None, values)
 

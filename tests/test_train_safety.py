@@ -1,5 +1,6 @@
 """Nothing a user had is lost: --overwrite that fails to start, a kill while a checkpoint
 is written, a loss gone NaN, and a kill during the final save."""
+
 import json
 import math
 import os
@@ -33,9 +34,23 @@ def old_run(make_run, tiny_gpt2, tmp_path):
 
 
 def settings(base, text_files, out, **extra):
-    values = dict(model=str(base), mode="lora", train_file=str(text_files["train"]), valid_file=str(text_files["valid"]),
-                  output_dir=str(out), max_steps=6, eval_steps=6, save_steps=2, logging_steps=1, batch_size=4,
-                  lr=1e-2, lora_r=4, lora_alpha=8, lora_dropout=0.0, precision="fp32")
+    values = dict(
+        model=str(base),
+        mode="lora",
+        train_file=str(text_files["train"]),
+        valid_file=str(text_files["valid"]),
+        output_dir=str(out),
+        max_steps=6,
+        eval_steps=6,
+        save_steps=2,
+        logging_steps=1,
+        batch_size=4,
+        lr=1e-2,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        precision="fp32",
+    )
     values.update(extra)
     return config_lib.resolve(None, values)
 
@@ -51,8 +66,9 @@ def test_overwrite_with_a_bad_value_leaves_the_old_run_as_it_was(bad, old_run, t
     folder = old_run[0]
     config = folder.parent / "bad.yaml"
     config.write_text(yaml.safe_dump({**bad, "max_steps": 2}))
-    result = CliRunner().invoke(app, ["train", "-c", str(config), "--model", str(tiny_gpt2), "--train-file",
-                                      str(text_files["train"]), "--output-dir", str(folder), "--overwrite"])
+    result = CliRunner().invoke(
+        app, ["train", "-c", str(config), "--model", str(tiny_gpt2), "--train-file", str(text_files["train"]), "--output-dir", str(folder), "--overwrite"]
+    )
     config.unlink()
     assert result.exit_code == 1 and "Error: " in result.output and "Traceback" not in result.output
     assert_untouched(old_run)
@@ -98,6 +114,7 @@ def test_overwrite_replaces_the_old_run_once_the_new_one_has_a_checkpoint(old_ru
 
 # --------------------------------------------------------------- checkpoints
 
+
 @pytest.fixture(scope="module")
 def straight_run(tiny_gpt2, text_files, tmp_path_factory):
     """Six steps without interruption: the losses every resumed run must reproduce."""
@@ -126,8 +143,7 @@ KILL_DURING_SAVE = textwrap.dedent("""
 """)
 
 
-def test_a_kill_while_a_checkpoint_is_written_resumes_from_the_previous_one_with_the_same_losses(
-        tiny_gpt2, text_files, tmp_path, straight_run, capsys):
+def test_a_kill_while_a_checkpoint_is_written_resumes_from_the_previous_one_with_the_same_losses(tiny_gpt2, text_files, tmp_path, straight_run, capsys):
     out = tmp_path / "run"
     values = settings(tiny_gpt2, text_files, out).to_dict()
     done = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, json.dumps(values)], capture_output=True, text=True, timeout=600)
@@ -159,12 +175,16 @@ def test_resume_with_only_incomplete_checkpoints_is_a_clear_error(tiny_gpt2, tex
     shutil.copytree(straight_run, out)
     for checkpoint in runs.checkpoints(out):
         (checkpoint / "trainer_state.json").unlink()
-    with pytest.raises(PeftgenError, match=r"Nothing to resume in .*: no complete checkpoint-N folder \(checkpoint-6 \(no trainer_state.json\), "
-                                           r"checkpoint-4 \(no trainer_state.json\)\)\. Drop --resume"):
+    with pytest.raises(
+        PeftgenError,
+        match=r"Nothing to resume in .*: no complete checkpoint-N folder \(checkpoint-6 \(no trainer_state.json\), "
+        r"checkpoint-4 \(no trainer_state.json\)\)\. Drop --resume",
+    ):
         train_lib.train(settings(tiny_gpt2, text_files, out), resume=True, progress=False)
 
 
 # -------------------------------------------------------- a loss gone NaN
+
 
 def test_a_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_gpt2, text_files, tmp_path):
     out = tmp_path / "run"
@@ -186,6 +206,7 @@ def test_a_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoi
 
 
 # ------------------------------------------------- the final save is renamed into place
+
 
 def test_a_kill_during_the_final_save_leaves_a_run_that_reads_as_unfinished(tiny_gpt2, text_files, tmp_path, monkeypatch):
     moved = runs.move_into

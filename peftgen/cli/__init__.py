@@ -8,6 +8,7 @@ Each command turns its flags into one library call and prints the result.
 Bad input, wherever it is found (a flag's value, a file, the library's
 checks), becomes one line ``Error: <message>`` on stderr and exit code 1.
 """
+
 from __future__ import annotations
 
 import contextlib

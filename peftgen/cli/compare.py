@@ -1,7 +1,8 @@
 """``peftgen compare``: every decoder on the same prompts and seeds, one row each.
 
-    peftgen compare --model runs/lora --num-samples 20 -o beam.num_beams=3 --plot decoders.png
+peftgen compare --model runs/lora --num-samples 20 -o beam.num_beams=3 --plot decoders.png
 """
+
 from __future__ import annotations
 
 import json
@@ -18,13 +19,16 @@ Opt = typer.Option
 def compare(
     model: Annotated[str, Opt(help="Run folder, model folder, .gguf file or Hub id.")],
     decoders: Annotated[str, Opt(help="'all' (every loaded decoder) or names, e.g. greedy,topk,beam.")] = "all",
-    option: Annotated[Optional[list[str]], Opt(
-        "--option", "-o", help="Option of one decoder, decoder.key=value, e.g. -o beam.num_beams=3; repeatable.")] = None,
-    prompt: Annotated[Optional[list[str]], Opt(
-        help="Text to continue; repeatable, used in turn. Default: the tokenizer's bos, <BOS> for a trained run.")] = None,
+    option: Annotated[
+        Optional[list[str]], Opt("--option", "-o", help="Option of one decoder, decoder.key=value, e.g. -o beam.num_beams=3; repeatable.")
+    ] = None,
+    prompt: Annotated[
+        Optional[list[str]], Opt(help="Text to continue; repeatable, used in turn. Default: the tokenizer's bos, <BOS> for a trained run.")
+    ] = None,
     num_samples: Annotated[int, Opt(help="Samples per decoder.")] = 20,
-    max_new_tokens: Annotated[Optional[int], Opt(
-        "--max-new-tokens", "--length", help="Most tokens per sample. Default: 300, fewer if the model's context is shorter.")] = None,
+    max_new_tokens: Annotated[
+        Optional[int], Opt("--max-new-tokens", "--length", help="Most tokens per sample. Default: 300, fewer if the model's context is shorter.")
+    ] = None,
     seed: Annotated[int, Opt(help="Seed of every decoder's random draws: the same seed gives the same table (speed aside).")] = 0,
     judge: Annotated[Optional[str], Opt(help="Another model (folder, .gguf, Hub id) to score the samples' perplexity with.")] = None,
     batch_size: Annotated[int, Opt(help="Samples generated together.")] = 8,
@@ -40,8 +44,15 @@ def compare(
     names = compare_lib.select_decoders(decoders, available)
     options = compare_lib.decoder_options(parse_pairs(option), names)
     rows = compare_lib.compare(
-        model, decoders=names, options=options, prompts=prompt, num_samples=num_samples,
-        max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, judge=judge,  # plugins: loaded above
+        model,
+        decoders=names,
+        options=options,
+        prompts=prompt,
+        num_samples=num_samples,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        batch_size=batch_size,
+        judge=judge,  # plugins: loaded above
         progress=lambda line: typer.echo(line, err=True),
     )
     for row in rows:

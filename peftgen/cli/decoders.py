@@ -1,7 +1,8 @@
 """``peftgen decoders``: every loaded decoder, its plugin and its options.
 
-    peftgen decoders --json
+peftgen decoders --json
 """
+
 from __future__ import annotations
 
 import inspect
@@ -27,8 +28,16 @@ def decoders(
             for o in decoder_options(info.cls)
         ]
         kind = "sequence" if issubclass(info.cls, SequenceDecoder) else "token"
-        listing.append({"name": name, "plugin": info.plugin, "source": info.source, "kind": kind,
-                        "description": inspect.cleandoc(info.cls.__doc__ or ""), "options": options})
+        listing.append(
+            {
+                "name": name,
+                "plugin": info.plugin,
+                "source": info.source,
+                "kind": kind,
+                "description": inspect.cleandoc(info.cls.__doc__ or ""),
+                "options": options,
+            }
+        )
     if json_output:
         typer.echo(json.dumps(listing, indent=2, ensure_ascii=False))
         return

@@ -1,4 +1,5 @@
 """``peftgen demo``: the whole job on SmolLM2-135M-Instruct from PyPI, offline, in minutes on a CPU."""
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,9 @@ def spare_idle_threads() -> None:
 
 def demo(
     output_dir: Annotated[Path, typer.Option(help="Folder for the prepared data, the LoRA run and results.md.")] = Path("runs/demo"),
-    model: Annotated[Optional[str], typer.Option(
-        help="Model to fine-tune instead of SmolLM2 from PyPI: a folder, a .gguf file, or a Hub id such as gpt2 (needs the Hub).")] = None,
+    model: Annotated[
+        Optional[str], typer.Option(help="Model to fine-tune instead of SmolLM2 from PyPI: a folder, a .gguf file, or a Hub id such as gpt2 (needs the Hub).")
+    ] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop training after this many updates (a quick look).")] = None,
 ) -> None:
     """Fine-tune a real pretrained model on book summaries and compare perplexity before and after."""

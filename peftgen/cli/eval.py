@@ -1,4 +1,5 @@
 """``peftgen eval``: token-weighted loss and perplexity of a model on a file."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,13 @@ Opt = typer.Option
 
 def evaluate(
     model: Annotated[str, Opt(help="Run folder, model folder, .gguf file or Hub id.")],
-    file: Annotated[Path, Opt(help="Data to score: .txt (one example a line, e.g. test.txt), .jsonl, .json, .csv, .tsv, "
-                                   ".parquet, a Dataset.save_to_disk folder or hub:owner/name.")],
+    file: Annotated[
+        Path,
+        Opt(
+            help="Data to score: .txt (one example a line, e.g. test.txt), .jsonl, .json, .csv, .tsv, "
+            ".parquet, a Dataset.save_to_disk folder or hub:owner/name."
+        ),
+    ],
     batch_size: Annotated[int, Opt(help="Examples per forward pass.")] = 4,
     max_length: Annotated[Optional[int], Opt(help="Tokens per example. Default: the run's --max-length, else the model's context.")] = None,
     precision: Annotated[str, Opt(help="fp32, bf16 or auto. fp32 gives the reference numbers.")] = "fp32",
@@ -25,8 +31,14 @@ def evaluate(
     from peftgen import evaluation
 
     result = evaluation.evaluate(
-        model, file, batch_size=batch_size, max_length=max_length, precision=precision,
-        text_field=text_field, split=split, progress=not json_output,
+        model,
+        file,
+        batch_size=batch_size,
+        max_length=max_length,
+        precision=precision,
+        text_field=text_field,
+        split=split,
+        progress=not json_output,
     )
     if json_output:
         typer.echo(json.dumps(result.to_dict()))

@@ -1,7 +1,8 @@
 """``peftgen generate``: text from prompts, with any decoder.
 
-    peftgen generate --model runs/lora --decoder topk -o k=50 --length 300 --num-return-sequences 5
+peftgen generate --model runs/lora --decoder topk -o k=50 --length 300 --num-return-sequences 5
 """
+
 from __future__ import annotations
 
 import json
@@ -20,19 +21,25 @@ Opt = typer.Option
 def generate(
     model: Annotated[str, Opt(help="Run folder, model folder, .gguf file or Hub id.")],
     decoder: Annotated[str, Opt(help="Decoding strategy; 'peftgen decoders' lists them.")] = "topk",
-    prompt: Annotated[Optional[list[str]], Opt(
-        help="Text to continue; repeatable. Default: the tokenizer's bos, <BOS> for a trained run.")] = None,
+    prompt: Annotated[Optional[list[str]], Opt(help="Text to continue; repeatable. Default: the tokenizer's bos, <BOS> for a trained run.")] = None,
     prompt_file: Annotated[Optional[Path], Opt(help="A file of prompts, one per line.")] = None,
-    max_new_tokens: Annotated[Optional[int], Opt("--max-new-tokens", "--length", help=(
-        f"Most tokens to generate per sequence. Default: {DEFAULT_NEW_TOKENS}, fewer if the model's context is shorter."))] = None,
+    max_new_tokens: Annotated[
+        Optional[int],
+        Opt(
+            "--max-new-tokens",
+            "--length",
+            help=(f"Most tokens to generate per sequence. Default: {DEFAULT_NEW_TOKENS}, fewer if the model's context is shorter."),
+        ),
+    ] = None,
     num_return_sequences: Annotated[int, Opt(help="Sequences per prompt.")] = 1,
-    stop_token: Annotated[Optional[list[str]], Opt(
-        help="Token that ends a sequence; repeatable. Default: the tokenizer's eos, <EOS> for a trained run.")] = None,
-    seed: Annotated[Optional[int], Opt(
-        help="Seed of the decoder's random draws; the same seed repeats a run. Default: random, printed to stderr.")] = None,
+    stop_token: Annotated[
+        Optional[list[str]], Opt(help="Token that ends a sequence; repeatable. Default: the tokenizer's eos, <EOS> for a trained run.")
+    ] = None,
+    seed: Annotated[Optional[int], Opt(help="Seed of the decoder's random draws; the same seed repeats a run. Default: random, printed to stderr.")] = None,
     option: Annotated[Optional[list[str]], Opt("--option", "-o", help="Decoder option key=value, e.g. -o k=40 -o temperature=0.7; repeatable.")] = None,
-    json_output: Annotated[bool, Opt(
-        "--json", help="One JSON object per sequence and line: prompt, text, token_ids, finish_reason, decoder, options, seed.")] = False,
+    json_output: Annotated[
+        bool, Opt("--json", help="One JSON object per sequence and line: prompt, text, token_ids, finish_reason, decoder, options, seed.")
+    ] = False,
     batch_size: Annotated[int, Opt(help="Prompts generated together.")] = 8,
     plugin: PluginFlag = None,
 ) -> None:
@@ -51,8 +58,15 @@ def generate(
         typer.echo(piece, nl=False)
 
     results = generate_text(
-        model, prompts, decoder=info.cls, options=options, stop_tokens=stop_token, max_new_tokens=max_new_tokens,
-        num_return_sequences=num_return_sequences, seed=seed, batch_size=batch_size,
+        model,
+        prompts,
+        decoder=info.cls,
+        options=options,
+        stop_tokens=stop_token,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=num_return_sequences,
+        seed=seed,
+        batch_size=batch_size,
         on_text=None if json_output else show,
     )
     for number, result in enumerate(results, 1):

@@ -1,4 +1,5 @@
 """``peftgen merge``: a LoRA or 8-bit run as a plain Hugging Face model folder."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """What the commands that use decoders share: the --plugin flag, and loading the plugins it names."""
+
 from __future__ import annotations
 
 import warnings

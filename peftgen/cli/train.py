@@ -7,6 +7,7 @@ Every setting is a flag (``lora_r`` is ``--lora-r``, ``packing: false`` is
 ``--packing false``), with the help and default of its field. A flag left out
 is None, "not given": the YAML file's value, else the default, stays.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,17 +47,16 @@ def _flag(field: dataclasses.Field) -> inspect.Parameter:
     default = config_lib.shown_default(field.name)
     text = f"{field.metadata.get('help', '')} " + ("[required]" if default == "required" else f"[default: {default}]")
     option = typer.Option(
-        field.metadata.get("flag") or "--" + field.name.replace("_", "-"), help=escape(text), show_default=False,
+        field.metadata.get("flag") or "--" + field.name.replace("_", "-"),
+        help=escape(text),
+        show_default=False,
         rich_help_panel=field.metadata.get("group"),
         **({"parser": _boolean, "metavar": "true|false"} if kind is bool else {}),
     )
-    return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                             annotation=Annotated[Optional[_FLAG_TYPES[kind]], option])
+    return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[_FLAG_TYPES[kind]], option])
 
 
-def train(
-    config: Optional[Path] = None, resume: bool = False, overwrite: bool = False, **flags
-) -> None:
+def train(config: Optional[Path] = None, resume: bool = False, overwrite: bool = False, **flags) -> None:
     """Fine-tune a causal LM on line-by-line text, adding <BOS>/<EOS>/<PAD> as trainable tokens."""
     from peftgen import training
     from peftgen.runs import main_process
@@ -83,13 +83,31 @@ def train(
         typer.echo(f"Loss curves:       {result.loss_plot}")
 
 
-train.__signature__ = inspect.Signature([
-    inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-        Optional[Path], typer.Option("--config", "-c", help=escape(
-            "YAML file of settings (e.g. configs/lora.yaml, or a run's peftgen.yaml); flags you type override it."))]),
-    *(_flag(field) for field in dataclasses.fields(config_lib.TrainConfig)),
-    inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
-        bool, typer.Option("--resume", help="Continue from the last checkpoint in --output-dir.")]),
-    inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
-        bool, typer.Option("--overwrite", help="Replace a run already in --output-dir.")]),
-])
+train.__signature__ = inspect.Signature(
+    [
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                Optional[Path],
+                typer.Option(
+                    "--config", "-c", help=escape("YAML file of settings (e.g. configs/lora.yaml, or a run's peftgen.yaml); flags you type override it.")
+                ),
+            ],
+        ),
+        *(_flag(field) for field in dataclasses.fields(config_lib.TrainConfig)),
+        inspect.Parameter(
+            "resume",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --output-dir.")],
+        ),
+        inspect.Parameter(
+            "overwrite",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --output-dir.")],
+        ),
+    ]
+)

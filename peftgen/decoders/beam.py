@@ -1,4 +1,5 @@
 """Beam search, with the bookkeeping of transformers' generate(num_beams=...), which it equals token for token."""
+
 from typing import Literal
 
 import torch
@@ -110,10 +111,7 @@ class BeamSearch(SequenceDecoder):
                 break
 
         return [
-            [
-                engine.completion(done_tokens[b, i, : done_lengths[b, i]].tolist(), float(done_scores[b, i]))
-                for i in range(num_return_sequences)
-            ]
+            [engine.completion(done_tokens[b, i, : done_lengths[b, i]].tolist(), float(done_scores[b, i])) for i in range(num_return_sequences)]
             for b in range(B)
         ]
 

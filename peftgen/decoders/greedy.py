@@ -1,4 +1,5 @@
 """Greedy decoding: always the most likely token. Equals model.generate(do_sample=False)."""
+
 import torch
 
 from peftgen import DecodeContext, TokenDecoder, hookimpl

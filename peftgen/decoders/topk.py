@@ -1,4 +1,5 @@
 """Top-k sampling: sample among the k most likely tokens (Fan et al., 2018)."""
+
 import torch
 
 from peftgen import DecodeContext, TokenDecoder, hookimpl

@@ -1,4 +1,5 @@
 """Top-p (nucleus) sampling: sample from the smallest set of tokens holding probability p (Holtzman et al., 2019)."""
+
 import torch
 
 from peftgen import DecodeContext, TokenDecoder, hookimpl

@@ -4,13 +4,22 @@
 
 Names are imported on first use, so ``import peftgen`` does not import torch.
 """
+
 import importlib
 
 _EXPORTS = {
-    "Completion": "decoder", "DecodeContext": "decoder", "DecodingEngine": "decoder", "SequenceDecoder": "decoder",
+    "Completion": "decoder",
+    "DecodeContext": "decoder",
+    "DecodingEngine": "decoder",
+    "SequenceDecoder": "decoder",
     "TokenDecoder": "decoder",
-    "Engine": "engine", "check_request": "engine", "generate": "engine",
-    "build_decoder": "options", "decoder_options": "options", "parse_pairs": "options", "resolved_options": "options",
+    "Engine": "engine",
+    "check_request": "engine",
+    "generate": "engine",
+    "build_decoder": "options",
+    "decoder_options": "options",
+    "parse_pairs": "options",
+    "resolved_options": "options",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -14,10 +14,12 @@ A decoder's options are the keyword arguments of its ``__init__``; their
 annotations say how ``-o key=value`` strings are converted (see options.py).
 This module imports nothing heavy so that ``import peftgen`` stays cheap.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import torch

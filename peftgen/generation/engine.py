@@ -11,17 +11,19 @@ one forward of one token per row (``logits_to_keep=1``), hands float32
 logits ``(N, V)`` to the decoder, writes the chosen tokens into a
 preallocated buffer and checks stop tokens on the device.
 """
+
 from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 
 from peftgen.errors import PeftgenError
-from peftgen.generation.decoder import Completion, DecodeContext, SequenceDecoder, TokenDecoder
 from peftgen.generation import fast
+from peftgen.generation.decoder import Completion, DecodeContext, SequenceDecoder, TokenDecoder
 from peftgen.model.sizes import context_length
 
 MATMUL_LAYOUTS = ("skinny", "standard")  # generate(matmul_layout=...): how CPU float32 weights are multiplied
@@ -60,8 +62,8 @@ class Engine:
         self.prompt_ids = torch.full((B, T0), self.pad_token_id, dtype=torch.long)
         self.prompt_mask = torch.zeros((B, T0), dtype=torch.long)
         for row, prompt in enumerate(prompts):
-            self.prompt_ids[row, T0 - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
-            self.prompt_mask[row, T0 - len(prompt):] = 1
+            self.prompt_ids[row, T0 - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+            self.prompt_mask[row, T0 - len(prompt) :] = 1
         self.prompt_ids, self.prompt_mask = self.prompt_ids.to(self.device), self.prompt_mask.to(self.device)
         # Without padding the mask is all ones and is not passed at all, as model.generate does.
         self.padded = bool((self.prompt_mask == 0).any())
@@ -167,8 +169,12 @@ def generate(
     swap = fast.skinny_matmuls(model) if matmul_layout == "skinny" else contextlib.nullcontext()
     with torch.inference_mode(), swap:
         engine = Engine(
-            model, prompts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
-            pad_token_id=pad_token_id, seed=seed,
+            model,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            stop_tokens=stop_tokens,
+            pad_token_id=pad_token_id,
+            seed=seed,
         )
         if isinstance(decoder, TokenDecoder):
             return _token_loop(engine, decoder, num_return_sequences, on_token)
@@ -206,8 +212,7 @@ def check_context(model, prompt_tokens: int, max_new_tokens: int) -> None:
         return
     if prompt_tokens >= limit:
         raise PeftgenError(
-            f"The prompt is {_tokens(prompt_tokens)}, but the model's context is {limit} tokens "
-            "and generation needs room for new ones. Shorten the prompt."
+            f"The prompt is {_tokens(prompt_tokens)}, but the model's context is {limit} tokens and generation needs room for new ones. Shorten the prompt."
         )
     if prompt_tokens + max_new_tokens > limit:
         raise PeftgenError(
@@ -292,17 +297,14 @@ def _check_selection(decoder: TokenDecoder, chosen, logits: torch.Tensor, step: 
         problem = f"a {chosen.dtype} tensor"
     else:
         return
-    raise PeftgenError(
-        f"Decoder '{decoder.name}' returned {problem} from select(){_at(step)}; it must return a ({N},) int64 tensor of token ids."
-    )
+    raise PeftgenError(f"Decoder '{decoder.name}' returned {problem} from select(){_at(step)}; it must return a ({N},) int64 tensor of token ids.")
 
 
 def _check_range(decoder: TokenDecoder, first_bad: torch.Tensor, V: int) -> None:
     step = int(first_bad)
     if step >= 0:
         raise PeftgenError(
-            f"Decoder '{decoder.name}' returned token ids outside [0, {V}) from select(){_at(step)}; "
-            "it must return ids of the model's vocabulary."
+            f"Decoder '{decoder.name}' returned token ids outside [0, {V}) from select(){_at(step)}; it must return ids of the model's vocabulary."
         )
 
 

@@ -17,6 +17,7 @@
    over a generation. ``PreallocatedLayer`` writes into a buffer sized for the
    whole run and hands attention a view of the filled part.
 """
+
 from __future__ import annotations
 
 import contextlib

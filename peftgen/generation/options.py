@@ -6,13 +6,15 @@
 annotation: int, float, bool, str, ``Literal[...]`` and unions of those (tried
 left to right, so ``bool | Literal["never"]`` takes ``true`` or ``never``).
 """
+
 from __future__ import annotations
 
 import inspect
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Union
+from typing import Any, Literal, Union
 
 from peftgen.config import short
 from peftgen.errors import PeftgenError

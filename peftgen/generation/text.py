@@ -1,4 +1,5 @@
 """Between text and token ids: prompts, stop tokens, completion text and streaming."""
+
 from __future__ import annotations
 
 from peftgen.errors import PeftgenError

@@ -5,6 +5,7 @@
 Missing or damaged files (weights, tokenizer, adapter) get one line naming
 the file and what to do, not a traceback.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -107,8 +108,9 @@ def load_tokenizer(location: str | Path, source: str | Path, **kwargs):
     """The tokenizer saved in a model or run folder; missing or damaged files get one line."""
     from transformers import AutoTokenizer
 
-    advice = ("It needs its tokenizer files (tokenizer.json and tokenizer_config.json, or vocab.json and "
-              "merges.txt): copy them from the model it was trained from.")
+    advice = (
+        "It needs its tokenizer files (tokenizer.json and tokenizer_config.json, or vocab.json and merges.txt): copy them from the model it was trained from."
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
@@ -174,7 +176,9 @@ def load(source: str | Path, special_tokens: tuple[str, str, str] | None = None,
         model, tokenizer = load_pretrained(str(path))
     else:
         if not (path / "adapter_config.json").is_file():
-            raise PeftgenError(f"{path} is a {settings['mode']} run without adapter_config.json: training did not finish. Use one of its checkpoint-N folders or --resume it.")
+            raise PeftgenError(
+                f"{path} is a {settings['mode']} run without adapter_config.json: training did not finish. Use one of its checkpoint-N folders or --resume it."
+            )
         tokenizer = load_tokenizer(path, path)
         base, _ = load_pretrained(settings["model"], quantize_8bit=settings["mode"] == "8bit")
         base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -204,6 +208,5 @@ def load_adapter(base, folder: Path):
         raise PeftgenError(_damaged_weights(folder, folder, "adapter", error)) from None
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
         raise PeftgenError(
-            f"Could not load the adapter in {folder}: {first_line(error, 200)}. "
-            "Its adapter_config.json or weights are damaged or belong to another base model."
+            f"Could not load the adapter in {folder}: {first_line(error, 200)}. Its adapter_config.json or weights are damaged or belong to another base model."
         ) from None

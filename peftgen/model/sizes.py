@@ -1,4 +1,5 @@
 """What a model's config says about its size: context length, hidden width, parameter counts."""
+
 from __future__ import annotations
 
 

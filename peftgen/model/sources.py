@@ -4,6 +4,7 @@ A local folder is used as it is; a .gguf file is dequantised once into the
 cache folder; a Hub id is taken from the local Hugging Face cache when it is
 there, and otherwise only after a quick check that the Hub answers.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,7 +60,9 @@ def gguf_folder(path: Path) -> Path:
         # dequantize=True: plain float32 layers that LoRA can train and
         # save_pretrained can write, whatever GGUF kernels are installed.
         model = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32,
+            path.parent,
+            gguf_file=path.name,
+            dtype=torch.float32,
             quantization_config=GgufConfig(gguf_file=path.name, dequantize=True),
         )
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -114,7 +117,6 @@ def _resolve_hub_id(source: str) -> tuple[str, dict]:
         AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
         raise PeftgenError(
-            f"Model '{source}' was not found on the Hugging Face Hub ({first_line(error)}). "
-            "Check the id (e.g. openai-community/gpt2) or pass a local folder."
+            f"Model '{source}' was not found on the Hugging Face Hub ({first_line(error)}). Check the id (e.g. openai-community/gpt2) or pass a local folder."
         ) from None
     return source, {}

@@ -1,4 +1,5 @@
 """The marker tokens in a model: adding them with well-placed new embedding rows, and where those rows live."""
+
 from __future__ import annotations
 
 import torch

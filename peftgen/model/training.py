@@ -5,6 +5,7 @@
 Settings that depend on the model (max_length against its context, LoRA
 targets against its layers) are checked here, once it is loaded.
 """
+
 from __future__ import annotations
 
 import sys
@@ -43,8 +44,7 @@ def check_fit(model, config) -> None:
     limit = context_length(model)
     if limit is not None and config.max_length > limit:
         print(
-            f"note: max_length {config.max_length} is longer than the context of {config.model} "
-            f"({limit} tokens); examples are cut to {limit} tokens.",
+            f"note: max_length {config.max_length} is longer than the context of {config.model} ({limit} tokens); examples are cut to {limit} tokens.",
             file=sys.stderr,
         )
         config.max_length = limit
@@ -72,10 +72,7 @@ def _has_conv1d(model, targets) -> bool:
     from transformers.pytorch_utils import Conv1D
 
     wanted = set(targets) if isinstance(targets, list) else None
-    return any(
-        isinstance(module, Conv1D) and (wanted is None or name.rsplit(".", 1)[-1] in wanted)
-        for name, module in model.named_modules()
-    )
+    return any(isinstance(module, Conv1D) and (wanted is None or name.rsplit(".", 1)[-1] in wanted) for name, module in model.named_modules())
 
 
 def prepare_for_training(config, precision: str = "fp32"):
@@ -99,7 +96,7 @@ def prepare_for_training(config, precision: str = "fp32"):
     if config.mode == "full":
         if config.checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
-            efficiency.checkpoint_only(model, config.checkpoint_layers)
+            efficiency.checkpoint_only(model, config.checkpointed_share)
         return model, tokenizer, new_ids
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -107,14 +104,12 @@ def prepare_for_training(config, precision: str = "fp32"):
     if config.mode == "8bit":
         efficiency.lean_int8_matmul()
         # Casts the remaining float weights to fp32 and freezes the int8 ones.
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=config.checkpointing, gradient_checkpointing_kwargs=CHECKPOINTING
-        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.checkpointing, gradient_checkpointing_kwargs=CHECKPOINTING)
     elif config.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
         model.enable_input_require_grads()
     if config.checkpointing:
-        efficiency.checkpoint_only(model, config.checkpoint_layers)
+        efficiency.checkpoint_only(model, config.checkpointed_share)
     targets = config.target_modules or TARGET_MODULES.get(model.config.model_type, "all-linear")
     in_name, out_name, tied = embedding_names(model)
     token_indices = None

@@ -1,8 +1,9 @@
 """Min-p sampling (Nguyen et al., 2024) as a peftgen decoder plugin.
 
-    pip install -e plugins/peftgen-minp
-    peftgen generate --model runs/lora --decoder minp -o p_min=0.1
+pip install -e plugins/peftgen-minp
+peftgen generate --model runs/lora --decoder minp -o p_min=0.1
 """
+
 import torch
 
 from peftgen import DecodeContext, TokenDecoder, hookimpl

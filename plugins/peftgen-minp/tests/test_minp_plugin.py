@@ -1,15 +1,16 @@
 """peftgen-minp: conforms to peftgen's decoder contract and is found once installed."""
+
 import importlib.metadata
 import json
 
 import pytest
 import torch
+from peftgen_minp import MinP
 from typer.testing import CliRunner
 
 from peftgen.generation import build_decoder, generate
 from peftgen.generation.decoder import DecodeContext
 from peftgen.testing import check_decoder, isolated_plugins, tiny_model
-from peftgen_minp import MinP
 
 
 @pytest.mark.parametrize("options", [{}, {"p_min": 0.3, "temperature": 0.7}, {"p_min": 1.0}])

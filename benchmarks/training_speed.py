@@ -72,6 +72,7 @@ ABLATIONS = {
     "lora, PEFT's token rows": ("lora", {"fast_token_rows": False}),
     "lora, transformers' loss": ("lora", {"fused_loss": False}),
     "lora, no gradient checkpointing": ("lora", {"gradient_checkpointing": False}),
+    "lora, every layer checkpointed": ("lora", {"checkpoint_layers": 1.0}),
     "lora, lora_dropout 0.05": ("lora", {"lora_dropout": 0.05}),
 }
 BATCH, EPOCHS, RECIPE_LR = 2, 1.0, 5e-5

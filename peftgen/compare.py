@@ -113,7 +113,8 @@ def judge_perplexity(model, tokenizer, texts: Sequence[str]) -> float | None:
 
 
 def _context_length(model) -> int:
-    from peftgen.generation.engine import context_length
+    """The model's context, or no limit where its config does not say."""
+    from peftgen.model import context_length
 
     return context_length(model) or 10**9
 
@@ -207,7 +208,7 @@ def compare(
     texts = list(prompts or [default_prompt(tokenizer)])
     encoded = [encode_prompt(tokenizer, text) for text in texts]
     stops = stop_token_ids(tokenizer, None)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
+    pad = tokenizer.pad_token_id  # None: the engine pads with the first stop token
     if max_new_tokens is None:
         room = _context_length(model) - max(map(len, encoded))
         max_new_tokens = max(1, min(DEFAULT_NEW_TOKENS, room))
@@ -234,7 +235,7 @@ def compare(
 
 def _measure(row, model, tokenizer, decoder, encoded, order, stops, pad, max_new_tokens, seed, batch_size, judge) -> None:
     from peftgen.generation import generate
-    from peftgen.generation.text import completion_text
+    from peftgen.generation.text import completion_text, text_ids
 
     completions, seconds = [], 0.0
     for start in range(0, len(order), batch_size):
@@ -244,7 +245,7 @@ def _measure(row, model, tokenizer, decoder, encoded, order, stops, pad, max_new
         seconds += time.perf_counter() - tick
         completions += [per_prompt[0] for per_prompt in results]
     # Text tokens: what the sample says, without the stop token that ended it.
-    bodies = [c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids for c in completions]
+    bodies = [text_ids(c) for c in completions]
     row.samples = len(completions)
     row.tokens_per_second = sum(len(c.token_ids) for c in completions) / seconds if seconds > 0 else None
     row.eos_rate = eos_rate([c.finish_reason for c in completions])

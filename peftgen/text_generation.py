@@ -94,7 +94,7 @@ def generate_text(
         max_new_tokens = max(1, min(DEFAULT_NEW_TOKENS, room))
     seed = seed if seed is not None else random.randrange(2**31)
     name, used = type(strategy).name, resolved_options(strategy)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
+    pad = tokenizer.pad_token_id  # None: the engine pads with the first stop token
     on_token = None
     if on_text is not None and len(texts) * num_return_sequences == 1 and isinstance(strategy, TokenDecoder):
         streamer = Streamer(tokenizer, stops)

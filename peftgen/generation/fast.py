@@ -24,15 +24,8 @@ import contextlib
 
 import torch
 from torch import nn
-
-try:
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-except ImportError:  # older transformers: plain caches only
-    DynamicCache = DynamicLayer = None
-try:
-    from transformers.pytorch_utils import Conv1D
-except ImportError:
-    Conv1D = None
+from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.pytorch_utils import Conv1D
 
 # More rows than this per call (a prefill) and the usual layout is as fast: use the module itself.
 _SKINNY_MAX_ROWS = 64
@@ -74,7 +67,7 @@ def skinny_matmuls(model: nn.Module):
             continue
         if type(module) is nn.Linear:
             weight_out_in = weight.detach()
-        elif Conv1D is not None and type(module) is Conv1D and weight.numel() * 4 <= budget:
+        elif type(module) is Conv1D and weight.numel() * 4 <= budget:
             weight_out_in = weight.detach().T.contiguous()
             budget -= weight.numel() * 4
         else:
@@ -93,77 +86,73 @@ def skinny_matmuls(model: nn.Module):
             setattr(parent, attribute, module)
 
 
-if DynamicLayer is not None:
+class PreallocatedLayer(DynamicLayer):
+    """A full-attention cache layer that writes into a buffer instead of concatenating.
 
-    class PreallocatedLayer(DynamicLayer):
-        """A full-attention cache layer that writes into a buffer instead of concatenating.
+    ``keys``/``values`` are views ``(N, H, T, D)`` of buffers ``(N, H, capacity, D)``.
+    Reordering rows (beam search) gathers into a second buffer and swaps the
+    two: no allocation per step, and only the filled ``T`` positions move.
+    """
 
-        ``keys``/``values`` are views ``(N, H, T, D)`` of buffers ``(N, H, capacity, D)``.
-        Reordering rows (beam search) gathers into a second buffer and swaps the
-        two: no allocation per step, and only the filled ``T`` positions move.
-        """
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+        self.buffers = self.spares = None
 
-        def __init__(self, capacity: int):
-            super().__init__()
-            self.capacity = capacity
-            self.length = 0
-            self.buffers = self.spares = None
+    def lazy_initialization(self, key_states, value_states):
+        self.device = key_states.device
+        self.buffers = tuple(self._empty(s, s.shape[0]) for s in (key_states, value_states))
+        self.is_initialized = True
 
-        def lazy_initialization(self, key_states, value_states):
-            self.device = key_states.device
-            self.buffers = tuple(self._empty(s, s.shape[0]) for s in (key_states, value_states))
-            self.is_initialized = True
+    def _empty(self, states, rows):
+        return states.new_empty(rows, states.shape[1], self.capacity, states.shape[3])
 
-        def _empty(self, states, rows):
-            return states.new_empty(rows, states.shape[1], self.capacity, states.shape[3])
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.length, self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache capacity {self.capacity} exceeded ({end} positions)")
+        self.buffers[0][:, :, start:end] = key_states
+        self.buffers[1][:, :, start:end] = value_states
+        self.length = end
+        self._views()
+        return self.keys, self.values
 
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            start, end = self.length, self.length + key_states.shape[-2]
-            if end > self.capacity:
-                raise RuntimeError(f"KV cache capacity {self.capacity} exceeded ({end} positions)")
-            self.buffers[0][:, :, start:end] = key_states
-            self.buffers[1][:, :, start:end] = value_states
-            self.length = end
-            self._views()
-            return self.keys, self.values
+    def _views(self):
+        self.keys = self.buffers[0][:, :, : self.length]
+        self.values = self.buffers[1][:, :, : self.length]
 
-        def _views(self):
-            self.keys = self.buffers[0][:, :, : self.length]
-            self.values = self.buffers[1][:, :, : self.length]
+    def get_seq_length(self) -> int:
+        return self.length
 
-        def get_seq_length(self) -> int:
-            return self.length
+    def _select(self, rows: torch.Tensor) -> None:
+        if self.length == 0:
+            return
+        rows = rows.to(self.device)
+        if self.spares is None or self.spares[0].shape[0] != rows.shape[0]:
+            self.spares = tuple(self._empty(buffer, rows.shape[0]) for buffer in self.buffers)
+        for buffer, spare in zip(self.buffers, self.spares):
+            filled = slice(0, self.length)
+            torch.index_select(buffer[:, :, filled], 0, rows, out=spare[:, :, filled])
+        self.buffers, self.spares = self.spares, self.buffers
+        self._views()
 
-        def _select(self, rows: torch.Tensor) -> None:
-            if self.length == 0:
-                return
-            rows = rows.to(self.device)
-            if self.spares is None or self.spares[0].shape[0] != rows.shape[0]:
-                self.spares = tuple(self._empty(buffer, rows.shape[0]) for buffer in self.buffers)
-            for buffer, spare in zip(self.buffers, self.spares):
-                filled = slice(0, self.length)
-                torch.index_select(buffer[:, :, filled], 0, rows, out=spare[:, :, filled])
-            self.buffers, self.spares = self.spares, self.buffers
-            self._views()
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        self._select(beam_idx)
 
-        def reorder_cache(self, beam_idx: torch.Tensor) -> None:
-            self._select(beam_idx)
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select(indices)
 
-        def batch_select_indices(self, indices: torch.Tensor) -> None:
-            self._select(indices)
-
-        def batch_repeat_interleave(self, repeats: int) -> None:
-            if self.length:
-                rows = torch.arange(self.buffers[0].shape[0], device=self.device).repeat_interleave(repeats)
-                self._select(rows)
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.length:
+            rows = torch.arange(self.buffers[0].shape[0], device=self.device).repeat_interleave(repeats)
+            self._select(rows)
 
 
 def make_cache(model: nn.Module, capacity: int):
     """A DynamicCache for ``model`` whose full-attention layers are preallocated for ``capacity`` positions."""
-    if DynamicCache is None:
-        return None
     config = model.config
     cache = DynamicCache(config=config)
     cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]

@@ -46,6 +46,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import sys
 
 import torch
 
@@ -239,7 +240,7 @@ _MADV_DONTNEED, _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = 4, -1, -3
 
 def _libc():
     """The C library with madvise, on Linux; None elsewhere."""
-    if not os.sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

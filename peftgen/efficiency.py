@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 
@@ -238,8 +239,9 @@ def lean_int8_matmul() -> bool:
 _MADV_DONTNEED, _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = 4, -1, -3
 
 
+@functools.cache
 def _libc():
-    """The C library with madvise, on Linux; None elsewhere."""
+    """The C library with madvise, on Linux; None elsewhere (looked up once: find_library runs ldconfig)."""
     if not sys.platform.startswith("linux"):
         return None
     try:

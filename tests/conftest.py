@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+from tiny_runs import run_settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -106,24 +107,7 @@ def make_run(tmp_path_factory, text_files):
     def run(mode: str, base: Path, **overrides) -> Path:
         key = (mode, str(base), tuple(sorted(overrides.items())))
         if key not in done:
-            settings = dict(
-                model=str(base),
-                mode=mode,
-                train_file=str(text_files["train"]),
-                valid_file=str(text_files["valid"]),
-                output_dir=str(tmp_path_factory.mktemp(f"run-{mode}")),
-                max_steps=6,
-                eval_steps=3,
-                save_steps=3,
-                logging_steps=1,
-                batch_size=4,
-                lr=1e-2,
-                lora_r=4,
-                lora_alpha=8,
-                lora_dropout=0.0,
-                precision="fp32",
-            )
-            settings.update(overrides)
+            settings = run_settings(base, text_files, tmp_path_factory.mktemp(f"run-{mode}"), mode, **overrides)
             train_lib.train(config_lib.resolve(None, settings), overwrite=True, progress=False)
             done[key] = Path(settings["output_dir"])
         return done[key]

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_runs import run_settings
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerState
 from typer.testing import CliRunner
 
@@ -47,24 +48,7 @@ def test_a_sampler_that_used_the_global_rng_would_be_caught(tiny_gpt2, make_run,
         return sample(self, model, step)
 
     monkeypatch.setattr(sampling.SampleCallback, "sample", careless)
-    settings = dict(
-        model=str(tiny_gpt2),
-        mode="lora",
-        train_file=str(text_files["train"]),
-        valid_file=str(text_files["valid"]),
-        output_dir=str(tmp_path / "run"),
-        max_steps=6,
-        eval_steps=3,
-        save_steps=3,
-        logging_steps=1,
-        batch_size=4,
-        lr=1e-2,
-        lora_r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        precision="fp32",
-        **SAMPLING,
-    )
+    settings = run_settings(tiny_gpt2, text_files, tmp_path / "run", **SAMPLING)
     train_lib.train(config_lib.resolve(None, settings), progress=False)
     train_loss, _ = losses(make_run("lora", tiny_gpt2))
     careless_loss, _ = losses(tmp_path / "run")

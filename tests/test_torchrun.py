@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import yaml
+from tiny_runs import run_settings
 
 from peftgen import config as config_lib
 from peftgen import runs
@@ -33,25 +34,7 @@ def no_dropout_gpt2(tiny_gpt2, tmp_path_factory):
 
 
 def settings(model, text_files, out, **extra) -> dict:
-    values = dict(
-        model=str(model),
-        mode="lora",
-        train_file=str(text_files["train"]),
-        valid_file=str(text_files["valid"]),
-        output_dir=str(out),
-        max_steps=4,
-        eval_steps=4,
-        save_steps=2,
-        logging_steps=1,
-        batch_size=2,
-        lr=2e-2,
-        lora_r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        precision="fp32",
-    )
-    values.update(extra)
-    return values
+    return run_settings(model, text_files, out, **{"max_steps": 4, "eval_steps": 4, "save_steps": 2, "batch_size": 2, "lr": 2e-2, **extra})
 
 
 def torchrun(config: dict, folder, *flags, kill_after_checkpoint: int | None = None) -> subprocess.CompletedProcess:

@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 import yaml
+from tiny_runs import run_settings
 from typer.testing import CliRunner
 
 from peftgen import config as config_lib
@@ -34,25 +35,7 @@ def old_run(make_run, tiny_gpt2, tmp_path):
 
 
 def settings(base, text_files, out, **extra):
-    values = dict(
-        model=str(base),
-        mode="lora",
-        train_file=str(text_files["train"]),
-        valid_file=str(text_files["valid"]),
-        output_dir=str(out),
-        max_steps=6,
-        eval_steps=6,
-        save_steps=2,
-        logging_steps=1,
-        batch_size=4,
-        lr=1e-2,
-        lora_r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        precision="fp32",
-    )
-    values.update(extra)
-    return config_lib.resolve(None, values)
+    return config_lib.resolve(None, run_settings(base, text_files, out, **{"eval_steps": 6, "save_steps": 2, **extra}))
 
 
 def assert_untouched(old_run):

@@ -64,7 +64,10 @@ ROWS = ["recipe", "trainer-bf16", "full", "lora", "8bit"]
 # Each ablation is a peftgen mode with one setting changed from its default.
 ABLATIONS = {
     "full, padded batches": ("full", {"packing": False}),
-    "full, fused loss": ("full", {"fused_loss": True}),
+    "full, transformers' loss": ("full", {"fused_loss": False}),
+    "full, autocast's weight copies": ("full", {"recast_weights": False}),
+    "full, the model's own Llama layers": ("full", {"lean_layers": False}),
+    "full, a quarter of layers checkpointed": ("full", {"gradient_checkpointing": True, "checkpoint_layers": 0.25}),
     "full, model's attention dropout": ("full", {"attention_dropout": None}),
     "full, adamw_torch (not fused)": ("full", {"optim": "adamw_torch"}),
     "full, gelu_new as written": ("full", {"fused_activations": False}),
@@ -339,6 +342,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="gpt2,smollm2", help="comma-separated: " + ", ".join(SHAPES))
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
     parser.add_argument("--ablations", action="store_true", help="also run each technique switched off (first shape only)")
+    parser.add_argument("--ablation", action="append", default=[], help="also run this one ablation row (repeatable; first shape only)")
     parser.add_argument("--no-memory", action="store_true", help="skip the 512-token memory rows")
     parser.add_argument("--repeats", type=int, default=1, help="speed runs per row; the median is shown, all rates after it")
     parser.add_argument("--quick", action="store_true", help="tiny model, 6 training pieces: a smoke test of this script")
@@ -360,8 +364,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     shapes = ["tiny"] if args.quick else args.shapes.split(",")
     rows = [(row, row, {}) for row in args.rows.split(",")]
-    if args.ablations:
-        rows += [(name, mode, overrides) for name, (mode, overrides) in ABLATIONS.items()]
+    unknown = [name for name in args.ablation if name not in ABLATIONS]
+    if unknown:
+        parser.error(f"unknown ablation {unknown[0]!r}; the ablations are: {', '.join(ABLATIONS)}")
+    rows += [(name, mode, overrides) for name, (mode, overrides) in ABLATIONS.items() if args.ablations or name in args.ablation]
     files = build_data(work, 6 if args.quick else 24, 4 if args.quick else 8)
     print(f"machine: {machine()}")
     if args.profile:
@@ -378,11 +384,12 @@ def main() -> None:
                 continue
             runs_ = [run_row(name, row, overrides, model_dir, files, work, memory=False) for _ in range(args.repeats)]
             speed = median_run(runs_)
-            memory = {} if args.no_memory or overrides else run_row(name, row, overrides, model_dir, files, work, memory=True)
+            memory = {} if args.no_memory else run_row(name, row, overrides, model_dir, files, work, memory=True)
             entry = {"shape": shape, "row": name, "speed": speed, "memory": memory}
             table[name] = entry
             results.append(entry)
             print(format_row(name, entry, table), flush=True)
+        print(summary(table))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "results": results}, indent=2), encoding="utf-8")
 
@@ -396,6 +403,31 @@ def median_run(runs: list[dict]) -> dict:
     middle = dict(good[len(good) // 2])
     middle["rates"] = [round(r["label_tokens"] / r["runtime"]) for r in good]
     return middle
+
+
+def summary(table: dict) -> str:
+    """The table against the issue's targets, as ratios within this one run."""
+
+    def rate(row):
+        return table.get(row, {}).get("tokens_per_s")
+
+    def peak(row):
+        memory = table.get(row, {}).get("memory") or {}
+        return memory.get("peak_rss")
+
+    parts = []
+    if rate("full") and rate("recipe"):
+        parts.append(f"full {rate('full') / rate('recipe'):.2f}x the recipe (target 3x)")
+    if rate("lora") and rate("full"):
+        parts.append(f"lora {rate('lora') / rate('full'):.2f}x full (1.4x)")
+    if rate("8bit") and rate("recipe"):
+        parts.append(f"8bit {rate('8bit') / rate('recipe'):.2f}x the recipe (1x)")
+    if peak("full") and peak("trainer-bf16"):
+        parts.append(f"full's memory {peak('full') / peak('trainer-bf16'):.0%} of trainer-bf16's (80%)")
+    for row, target in (("lora", "50%"), ("8bit", "35%")):
+        if peak(row) and peak("full"):
+            parts.append(f"{row}'s memory {peak(row) / peak('full'):.0%} of full's ({target})")
+    return "against the targets: " + "; ".join(parts) if parts else ""
 
 
 def format_row(name: str, entry: dict, table: dict) -> str:

@@ -32,6 +32,22 @@ def test_value_and_gradients_equal_linear_then_cross_entropy(chunk):
     assert torch.allclose(weight.grad, want_w * 0.25, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk, block", [(7, 14), (7, 20), (128, 256), (64, 4096)])
+def test_the_weight_gradient_is_the_same_whatever_blocks_it_is_formed_in(chunk, block, monkeypatch):
+    # the head's weight gradient is one matmul per block of chunks; a last block may be partial
+    from peftgen import fused_loss
+
+    monkeypatch.setattr(fused_loss, "WEIGHT_BLOCK", block)
+    hidden, weight, labels = _problem()
+    F.cross_entropy(F.linear(hidden, weight), labels, reduction="sum").backward()
+    want_h, want_w = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    linear_cross_entropy(hidden, weight, labels, chunk=chunk).backward()
+    assert torch.allclose(hidden.grad, want_h, atol=1e-5)
+    assert torch.allclose(weight.grad, want_w, atol=1e-5)
+
+
 def test_trainable_rows_replace_base_rows_and_only_they_get_a_gradient():
     hidden, weight, labels = _problem()
     frozen = weight.detach()

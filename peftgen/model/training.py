@@ -14,9 +14,11 @@ import torch
 
 from peftgen import efficiency, token_rows
 from peftgen.errors import PeftgenError
+from peftgen.lean_layers import use_lean_layers
 from peftgen.model.loading import load_pretrained
 from peftgen.model.sizes import context_length
 from peftgen.model.tokens import add_special_tokens, embedding_names
+from peftgen.weight_casts import recast_weights
 
 # torch's recommended checkpointing: works whether or not the layer inputs need a gradient
 CHECKPOINTING = {"use_reentrant": False}
@@ -93,7 +95,11 @@ def prepare_for_training(config, precision: str = "fp32"):
         efficiency.set_attention_dropout(model, config.attention_dropout)
     if config.fused_activations:
         efficiency.fuse_activations(model)
+    if config.leans_layers:
+        use_lean_layers(model)
     if config.mode == "full":
+        if config.recast_weights and precision in ("bf16", "fp16"):
+            recast_weights(model)
         if config.checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
             efficiency.checkpoint_only(model, config.checkpointed_share)

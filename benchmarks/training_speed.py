@@ -64,7 +64,8 @@ ROWS = ["recipe", "trainer-bf16", "full", "lora", "8bit"]
 # Each ablation is a peftgen mode with one setting changed from its default.
 ABLATIONS = {
     "full, padded batches": ("full", {"packing": False}),
-    "full, transformers' loss": ("full", {"fused_loss": False}),
+    "full, fused loss": ("full", {"fused_loss": True}),
+    "full, freed memory unmapped": ("full", {"reuse_memory": False}),
     "full, autocast's weight copies": ("full", {"recast_weights": False}),
     "full, the model's own Llama layers": ("full", {"lean_layers": False}),
     "full, a quarter of layers checkpointed": ("full", {"gradient_checkpointing": True, "checkpoint_layers": 0.25}),
@@ -74,6 +75,7 @@ ABLATIONS = {
     "lora, fp32 frozen weights": ("lora", {"frozen_bf16": False}),
     "lora, PEFT's token rows": ("lora", {"fast_token_rows": False}),
     "lora, transformers' loss": ("lora", {"fused_loss": False}),
+    "lora, freed memory unmapped": ("lora", {"reuse_memory": False}),
     "lora, no gradient checkpointing": ("lora", {"gradient_checkpointing": False}),
     "lora, every layer checkpointed": ("lora", {"checkpoint_layers": 1.0}),
     "lora, lora_dropout 0.05": ("lora", {"lora_dropout": 0.05}),

@@ -126,7 +126,9 @@ class TrainConfig:
     )
     packing: bool = speed_setting(True, "Padding-free batches: examples end to end in one row, attention kept within each.")
     attention_per_example: bool = speed_setting(True, "Packed batches: causal attention per example, not one masked (N, N) matrix.")
-    fused_loss: Optional[bool] = speed_setting(None, "Output layer and cross-entropy in chunks, without the full logits.", shown="on")
+    fused_loss: Optional[bool] = speed_setting(
+        None, "Output layer and cross-entropy in chunks, without the full logits.", shown="on for lora/8bit, off for full"
+    )
     optim: str = speed_setting("adamw_torch_fused", "Optimizer: any name transformers' TrainingArguments takes.")
     attention_dropout: Optional[float] = speed_setting(
         0.0, "Attention dropout; null (YAML) keeps the model's own (GPT-2: 0.1, which forces unfused attention)."
@@ -134,6 +136,7 @@ class TrainConfig:
     frozen_bf16: bool = speed_setting(True, "lora/8bit under bf16: frozen weights stored in bf16 (what autocast would cast them to).")
     fused_activations: bool = speed_setting(True, "GPT-2's gelu_new as one kernel (gelu_pytorch_tanh): less memory, same function.")
     fast_token_rows: bool = speed_setting(True, "lora/8bit: new-token rows applied directly, not via a copy of the whole matrix.")
+    reuse_memory: bool = speed_setting(True, "glibc keeps large freed blocks for the next step instead of unmapping them and faulting fresh pages in again.")
     recast_weights: bool = speed_setting(
         True, "full under autocast: linear layers cast their fp32 weights again for the backward pass instead of keeping autocast's copies."
     )
@@ -157,13 +160,15 @@ class TrainConfig:
 
     @property
     def fuses_loss(self) -> bool:
-        """Whether the loss is computed with the output layer, in chunks (peftgen.fused_loss): in every mode unless switched off.
+        """Whether the loss is computed with the output layer, in chunks (peftgen.fused_loss).
 
-        With a frozen head (lora, 8bit) it also never forms the head's weight
-        gradient; in full mode it measured faster than transformers' loss and
-        keeps no (tokens x vocabulary) logits (benchmarks/README.md).
+        By default only where the head's weight is frozen (lora, 8bit): there it
+        saves the (tokens x vocabulary) logits and never forms the head's weight
+        gradient. In full mode that gradient is needed anyway, and a full-mode
+        epoch measured slower with it than with transformers' loss, so full
+        keeps transformers' loss (benchmarks/README.md).
         """
-        return self.fused_loss is not False  # null (the default, and runs saved before it was on in full mode): on
+        return self.fused_loss if self.fused_loss is not None else self.mode != "full"
 
     @property
     def leans_layers(self) -> bool:

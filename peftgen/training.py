@@ -13,6 +13,7 @@ reproduces itself, and a PNG of the loss curves.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
@@ -293,7 +294,8 @@ def train(
         # Only now, with the model loaded and the trainer built, does anything on disk change.
         processes.on_main(_start_run, run, config, facts)
         started = time.perf_counter()
-        outcome = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+        with efficiency.reusing_freed_memory() if config.reuse_memory else contextlib.nullcontext():
+            outcome = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
         metrics = dict(outcome.metrics)
         if valid_set is not None:
             metrics.update(_final_evaluation(trainer))

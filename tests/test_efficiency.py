@@ -1,5 +1,7 @@
 """Training-time model changes: attention dropout set where the model reads it, frozen weights in bf16 changing nothing."""
 
+import contextlib
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -187,3 +189,46 @@ def test_lora_recomputes_a_quarter_of_its_layers_unless_told_otherwise():
     assert share(mode="lora") == 0.25
     assert share(mode="8bit") == share(mode="full") == 1.0
     assert share(mode="lora", checkpoint_layers=1.0) == 1.0
+
+
+def _faults_touching_a_fresh_block(size: int = 64 << 20) -> int:
+    """Page faults taken while filling a block of ``size`` bytes allocated after an equal one was freed."""
+    import resource
+
+    first = torch.empty(size, dtype=torch.uint8)
+    first.fill_(1)
+    del first
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    second = torch.empty(size, dtype=torch.uint8)
+    second.fill_(2)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(efficiency._libc() is None or not hasattr(efficiency._libc(), "mallopt"), reason="needs glibc")
+def test_reusing_freed_memory_keeps_large_blocks_for_the_next_step():
+    pages = (64 << 20) // 4096
+    assert _faults_touching_a_fresh_block() > pages // 2  # glibc's default: unmapped when freed, fresh pages again
+    with efficiency.reusing_freed_memory():
+        _faults_touching_a_fresh_block()  # the heap grows once
+        assert _faults_touching_a_fresh_block() < pages // 10  # then the freed block is reused as it is
+    assert _faults_touching_a_fresh_block() > pages // 2  # glibc's defaults are back
+
+
+def test_training_reuses_freed_memory_unless_told_otherwise(tiny_gpt2, text_files, tmp_path, monkeypatch):
+    from tiny_runs import run_settings
+
+    from peftgen import config as config_lib
+    from peftgen import training as train_lib
+
+    entered = []
+
+    @contextlib.contextmanager
+    def spy():
+        entered.append(True)
+        yield
+
+    monkeypatch.setattr(efficiency, "reusing_freed_memory", spy)
+    for reuse in (True, False):
+        settings = run_settings(tiny_gpt2, text_files, tmp_path / str(reuse), "full", max_steps=1, reuse_memory=reuse)
+        train_lib.train(config_lib.resolve(None, settings), overwrite=True, progress=False)
+    assert entered == [True]

@@ -136,9 +136,13 @@ class TrainConfig:
     frozen_bf16: bool = speed_setting(True, "lora/8bit under bf16: frozen weights stored in bf16 (what autocast would cast them to).")
     fused_activations: bool = speed_setting(True, "GPT-2's gelu_new as one kernel (gelu_pytorch_tanh): less memory, same function.")
     fast_token_rows: bool = speed_setting(True, "lora/8bit: new-token rows applied directly, not via a copy of the whole matrix.")
-    reuse_memory: bool = speed_setting(True, "glibc keeps large freed blocks for the next step instead of unmapping them and faulting fresh pages in again.")
+    reuse_memory: Optional[bool] = speed_setting(
+        None,
+        "glibc keeps large freed blocks for the next step instead of unmapping them and faulting fresh pages in again.",
+        shown="on for full, off for lora/8bit",
+    )
     recast_weights: bool = speed_setting(
-        True, "full under autocast: linear layers cast their fp32 weights again for the backward pass instead of keeping autocast's copies."
+        False, "full under autocast: linear layers cast their fp32 weights again for the backward pass instead of keeping autocast's copies."
     )
     lean_layers: Optional[bool] = speed_setting(
         None,
@@ -169,6 +173,12 @@ class TrainConfig:
         keeps transformers' loss (benchmarks/README.md).
         """
         return self.fused_loss if self.fused_loss is not None else self.mode != "full"
+
+    @property
+    def reuses_memory(self) -> bool:
+        """Whether glibc keeps large freed blocks during training (efficiency.reusing_freed_memory): in full
+        mode, where it made the epoch faster; not in lora/8bit, where memory is the point and it raised the peak."""
+        return self.reuse_memory if self.reuse_memory is not None else self.mode == "full"
 
     @property
     def leans_layers(self) -> bool:

@@ -294,7 +294,7 @@ def train(
         # Only now, with the model loaded and the trainer built, does anything on disk change.
         processes.on_main(_start_run, run, config, facts)
         started = time.perf_counter()
-        with efficiency.reusing_freed_memory() if config.reuse_memory else contextlib.nullcontext():
+        with efficiency.reusing_freed_memory() if config.reuses_memory else contextlib.nullcontext():
             outcome = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
         metrics = dict(outcome.metrics)
         if valid_set is not None:

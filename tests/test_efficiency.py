@@ -228,7 +228,9 @@ def test_training_reuses_freed_memory_unless_told_otherwise(tiny_gpt2, text_file
         yield
 
     monkeypatch.setattr(efficiency, "reusing_freed_memory", spy)
-    for reuse in (True, False):
-        settings = run_settings(tiny_gpt2, text_files, tmp_path / str(reuse), "full", max_steps=1, reuse_memory=reuse)
+    runs = [("full", {}), ("full", {"reuse_memory": False}), ("lora", {}), ("lora", {"reuse_memory": True})]
+    for number, (mode, overrides) in enumerate(runs):
+        settings = run_settings(tiny_gpt2, text_files, tmp_path / str(number), mode, max_steps=1, **overrides)
+        before = len(entered)
         train_lib.train(config_lib.resolve(None, settings), overwrite=True, progress=False)
-    assert entered == [True]
+        assert len(entered) - before == (number in (0, 3)), (mode, overrides)

@@ -165,21 +165,14 @@ def release_mapped(tensor: torch.Tensor, model) -> bool:
 
 
 @contextlib.contextmanager
-def returning_freed_memory(threshold: int = 1 << 20):
-    """Inside: blocks of ``threshold`` bytes or more are mapped and unmapped one by one (glibc).
-
-    glibc otherwise keeps large freed blocks for reuse, so a phase that makes
-    and drops many temporaries (quantising at load) leaves the process that
-    much larger for the rest of the run. On exit the thresholds go to glibc's
-    usual ceiling (32 MiB mapped, twice that kept) and free memory is trimmed.
-    Elsewhere than glibc this does nothing.
-    """
+def _malloc_thresholds(size: int):
+    """Inside: glibc maps blocks above ``size`` bytes and trims its heap above ``size`` free; then its defaults and a trim."""
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):
         yield
         return
-    libc.mallopt(_M_MMAP_THRESHOLD, threshold)
-    libc.mallopt(_M_TRIM_THRESHOLD, threshold)
+    libc.mallopt(_M_MMAP_THRESHOLD, size)
+    libc.mallopt(_M_TRIM_THRESHOLD, size)
     try:
         yield
     finally:
@@ -189,7 +182,18 @@ def returning_freed_memory(threshold: int = 1 << 20):
             libc.malloc_trim(0)
 
 
-@contextlib.contextmanager
+def returning_freed_memory(threshold: int = 1 << 20):
+    """Inside: blocks of ``threshold`` bytes or more are mapped and unmapped one by one (glibc).
+
+    glibc otherwise keeps large freed blocks for reuse, so a phase that makes
+    and drops many temporaries (quantising at load) leaves the process that
+    much larger for the rest of the run. On exit the thresholds go to glibc's
+    usual ceiling (32 MiB mapped, twice that kept) and free memory is trimmed.
+    Elsewhere than glibc this does nothing.
+    """
+    return _malloc_thresholds(threshold)
+
+
 def reusing_freed_memory(limit: int = 1 << 30):
     """Inside: glibc serves blocks of up to ``limit`` bytes from its heap and keeps them when freed.
 
@@ -205,19 +209,7 @@ def reusing_freed_memory(limit: int = 1 << 30):
     defaults return and what is free goes back to the system. Elsewhere than
     glibc this does nothing.
     """
-    libc = _libc()
-    if libc is None or not hasattr(libc, "mallopt"):
-        yield
-        return
-    libc.mallopt(_M_MMAP_THRESHOLD, limit)
-    libc.mallopt(_M_TRIM_THRESHOLD, limit)
-    try:
-        yield
-    finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
-        if hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
+    return _malloc_thresholds(limit)
 
 
 def checkpoint_only(model, share: float) -> int:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tiny_runs import bf16_step
 
 from peftgen.lean_layers import use_lean_layers
 
@@ -17,17 +18,10 @@ def _llama(tiny_llama, lean: bool):
     return model
 
 
-def _step(model, ids):
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    return out.logits.detach().float(), {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
 def test_lean_layers_give_the_same_logits_and_gradients(tiny_llama):
     ids = torch.randint(0, 50257, (2, 48), generator=torch.Generator().manual_seed(1))
-    logits, grads = _step(_llama(tiny_llama, lean=False), ids)
-    lean_logits, lean_grads = _step(_llama(tiny_llama, lean=True), ids)
+    logits, grads = bf16_step(_llama(tiny_llama, lean=False), ids)
+    lean_logits, lean_grads = bf16_step(_llama(tiny_llama, lean=True), ids)
     assert torch.equal(lean_logits, logits)  # the forward pass is bit for bit the model's
     for name, grad in grads.items():
         # the norm's gradient sums three bf16 gradients in bf16: agreement to bf16 rounding

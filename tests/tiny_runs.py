@@ -1,4 +1,4 @@
-"""Settings of the few-step training runs the tests share: a tiny model on the shared text files."""
+"""Settings of the few-step training runs the tests share (a tiny model on the shared text files), and one bf16 training step."""
 
 from __future__ import annotations
 
@@ -29,3 +29,13 @@ def run_settings(base, text_files: dict[str, Path], output_dir, mode: str = "lor
         output_dir=str(output_dir),
         **{**TINY_RUN, **overrides},
     )
+
+
+def bf16_step(model, ids):
+    """One forward and backward pass under bf16 autocast: (fp32 logits, {parameter name: gradient})."""
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach().float(), {name: p.grad.clone() for name, p in model.named_parameters()}

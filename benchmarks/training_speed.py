@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -217,10 +218,13 @@ def child(args) -> None:
     files = {k: Path(v) for k, v in json.loads(args.files).items()}
     output = Path(tempfile.mkdtemp(prefix="row-", dir=args.work))
     overrides = json.loads(args.overrides)
-    if args.row in ("recipe", "trainer-bf16"):
-        result = run_plain(Path(args.model_dir), files, args.row == "trainer-bf16", args.memory, output)
-    else:
-        result = run_peftgen(Path(args.model_dir), files, args.row, overrides, args.memory, output)
+    try:
+        if args.row in ("recipe", "trainer-bf16"):
+            result = run_plain(Path(args.model_dir), files, args.row == "trainer-bf16", args.memory, output)
+        else:
+            result = run_peftgen(Path(args.model_dir), files, args.row, overrides, args.memory, output)
+    finally:
+        shutil.rmtree(output, ignore_errors=True)  # a row's checkpoints are 0.5-1.5 GB; only its numbers are kept
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -364,6 +368,14 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.work or tempfile.mkdtemp(prefix="peftgen-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    try:
+        benchmark(args, parser, work)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def benchmark(args, parser, work: Path) -> None:
     shapes = ["tiny"] if args.quick else args.shapes.split(",")
     rows = [(row, row, {}) for row in args.rows.split(",")]
     unknown = [name for name in args.ablation if name not in ABLATIONS]

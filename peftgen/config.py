@@ -134,6 +134,11 @@ class TrainConfig:
         0.0, "Attention dropout; null (YAML) keeps the model's own (GPT-2: 0.1, which forces unfused attention)."
     )
     frozen_bf16: bool = speed_setting(True, "lora/8bit under bf16: frozen weights stored in bf16 (what autocast would cast them to).")
+    frozen_embeddings_bf16: bool = speed_setting(
+        True,
+        "lora/8bit under bf16: frozen embedding matrices (and a head tied to them) stored in bf16 too; their lookups return fp32. "
+        "Rounds the input embeddings to bf16.",
+    )
     fused_activations: bool = speed_setting(True, "GPT-2's gelu_new as one kernel (gelu_pytorch_tanh): less memory, same function.")
     fast_token_rows: bool = speed_setting(True, "lora/8bit: new-token rows applied directly, not via a copy of the whole matrix.")
     reuse_memory: Optional[bool] = speed_setting(

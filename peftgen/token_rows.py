@@ -44,6 +44,7 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if base.max_norm is not None or base.sparse:
             return self._peftgen_original_forward(x, *args, **kwargs)
         out = F.embedding(x, base.weight, padding_idx=base.padding_idx)  # (B, T, C)
+        out = out.to(torch.promote_types(out.dtype, delta.dtype))  # a bf16-stored base: fp32 out, delta rows unrounded
         slot = _slots(self, name, base.weight.shape[0], x.device)[x]  # (B, T)
         new = slot >= 0
         if new.any():

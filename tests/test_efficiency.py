@@ -33,7 +33,7 @@ def test_frozen_bf16_weights_compute_what_autocast_computes(mode, tiny_gpt2):
     models = {}
     for frozen_bf16 in (True, False):
         torch.manual_seed(0)
-        config = config_lib.resolve(None, {**settings, "frozen_bf16": frozen_bf16})
+        config = config_lib.resolve(None, {**settings, "frozen_bf16": frozen_bf16, "frozen_embeddings_bf16": False})
         models[frozen_bf16] = model_lib.prepare_for_training(config, "bf16")[0].eval()
     dtypes = {name: p.dtype for name, p in models[True].named_parameters()}
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -42,6 +42,31 @@ def test_frozen_bf16_weights_compute_what_autocast_computes(mode, tiny_gpt2):
     assert dtypes["base_model.model.transformer.h.0.mlp.c_fc.base_layer.bias"] == torch.bfloat16
     assert dtypes["base_model.model.transformer.wte.token_adapter.base_layer.weight"] == torch.float32  # tied head too
     assert all(dtype == torch.float32 for name, dtype in dtypes.items() if "lora_" in name or "delta" in name)
+
+
+@pytest.mark.parametrize("mode", ["lora", "8bit"])
+def test_bf16_embeddings_compute_what_fp32_embeddings_rounded_to_bf16_compute(mode, tiny_gpt2):
+    if mode == "8bit":
+        pytest.importorskip("bitsandbytes")
+    settings = {"model": str(tiny_gpt2), "mode": mode, "train_file": "x", "lora_r": 4, "lora_alpha": 8}
+    models = {}
+    for flag in (True, False):
+        torch.manual_seed(0)
+        config = config_lib.resolve(None, {**settings, "frozen_embeddings_bf16": flag})
+        models[flag] = model_lib.prepare_for_training(config, "bf16")[0].eval()
+    stored = dict(models[True].named_parameters())
+    wte = "base_model.model.transformer.wte.token_adapter.base_layer.weight"
+    assert stored[wte].dtype == torch.bfloat16  # the tied head with it
+    assert all(p.dtype == torch.float32 for name, p in stored.items() if "lora_" in name or "delta" in name)
+    with torch.no_grad():  # the reference: fp32 matrices holding the bf16-rounded values
+        for name, param in models[False].named_parameters():
+            if name.endswith(("wte.token_adapter.base_layer.weight", "wpe.weight")):
+                param.copy_(param.bfloat16().float())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = (models[flag](input_ids=IDS, output_hidden_states=True) for flag in (True, False))
+    assert got.hidden_states[0].dtype == torch.float32  # the residual stream starts in fp32 as before
+    assert torch.equal(got.hidden_states[0], want.hidden_states[0])
+    assert torch.equal(got.logits, want.logits)
 
 
 def test_frozen_weights_stay_fp32_unless_training_in_bf16(tiny_gpt2):

@@ -101,3 +101,26 @@ def test_architectures_with_a_head_it_cannot_fuse_are_refused(tiny_gpt2):
     assert not FusedHeadLoss.supports(model)
     with pytest.raises(ValueError):
         FusedHeadLoss(model)
+
+
+def test_a_given_dtype_sets_the_matmul_precision_without_autocast():
+    # Trainer autocasts only the model's forward; the loss runs after it, so
+    # the run's dtype is handed over, and the head multiplies in it.
+    hidden, weight, labels = _problem()
+    in_bf16 = F.cross_entropy((hidden.bfloat16() @ weight.bfloat16().T).float(), labels, reduction="sum")
+    in_fp32 = F.cross_entropy(hidden @ weight.T, labels, reduction="sum")
+    got = linear_cross_entropy(hidden, weight, labels, dtype=torch.bfloat16)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, in_bf16, rtol=1e-6)
+    assert not torch.allclose(got, in_fp32, rtol=1e-6)  # the two precisions are told apart at this tolerance
+    assert torch.allclose(linear_cross_entropy(hidden, weight, labels), in_fp32, rtol=1e-6)
+
+
+def test_training_hands_the_runs_dtype_to_the_loss(tiny_gpt2):
+    from peftgen.training import speed_settings
+
+    settings = {"model": str(tiny_gpt2), "mode": "lora", "train_file": "x", "lora_r": 4, "lora_alpha": 8}
+    model, tokenizer, _ = model_lib.prepare_for_training(config_lib.resolve(None, settings))
+    config = config_lib.resolve(None, settings)
+    assert speed_settings(config, model, tokenizer, "bf16")[2].dtype == torch.bfloat16
+    assert speed_settings(config, model, tokenizer, "fp32")[2].dtype is None

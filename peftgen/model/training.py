@@ -135,4 +135,6 @@ def prepare_for_training(config, precision: str = "fp32"):
         token_rows.speed_up(model)
     if config.frozen_bf16 and precision == "bf16":
         efficiency.store_frozen_in_bf16(model)
+    if config.frozen_embeddings_bf16 and precision == "bf16":
+        efficiency.store_embeddings_in_bf16(model)
     return model, tokenizer, new_ids

@@ -65,7 +65,7 @@ ROWS = ["recipe", "trainer-bf16", "full", "lora", "8bit"]
 # Each ablation is a peftgen mode with one setting changed from its default.
 ABLATIONS = {
     "full, padded batches": ("full", {"packing": False}),
-    "full, fused loss": ("full", {"fused_loss": True}),
+    "full, transformers' loss": ("full", {"fused_loss": False}),
     "full, freed memory unmapped": ("full", {"reuse_memory": False}),
     "full, autocast's weight copies": ("full", {"recast_weights": False}),
     "full, the model's own Llama layers": ("full", {"lean_layers": False}),
@@ -73,13 +73,16 @@ ABLATIONS = {
     "full, model's attention dropout": ("full", {"attention_dropout": None}),
     "full, adamw_torch (not fused)": ("full", {"optim": "adamw_torch"}),
     "full, gelu_new as written": ("full", {"fused_activations": False}),
+    "full, torch's dropout": ("full", {"fast_dropout": False}),
     "lora, fp32 frozen weights": ("lora", {"frozen_bf16": False}),
+    "lora, fp32 frozen embeddings": ("lora", {"frozen_embeddings_bf16": False}),
     "lora, PEFT's token rows": ("lora", {"fast_token_rows": False}),
     "lora, transformers' loss": ("lora", {"fused_loss": False}),
     "lora, freed memory unmapped": ("lora", {"reuse_memory": False}),
-    "lora, no gradient checkpointing": ("lora", {"gradient_checkpointing": False}),
-    "lora, every layer checkpointed": ("lora", {"checkpoint_layers": 1.0}),
+    "lora, a quarter of layers checkpointed": ("lora", {"gradient_checkpointing": True}),
+    "lora, every layer checkpointed": ("lora", {"gradient_checkpointing": True, "checkpoint_layers": 1.0}),
     "lora, lora_dropout 0.05": ("lora", {"lora_dropout": 0.05}),
+    "lora, torch's dropout": ("lora", {"fast_dropout": False}),
 }
 BATCH, EPOCHS, RECIPE_LR = 2, 1.0, 5e-5
 

@@ -117,7 +117,7 @@ class TrainConfig:
     report_to: list[str] = setting(help="Trackers for Trainer, e.g. tensorboard,wandb (comma-separated on the command line).", factory=list, shown="none")
     # Speed and memory techniques (benchmarks/README.md measures each one):
     gradient_checkpointing: Optional[bool] = speed_setting(
-        None, "Recompute activations in the backward pass instead of keeping them.", shown="on for lora/8bit, off for full"
+        None, "Recompute activations in the backward pass instead of keeping them.", shown="on for 8bit, off for full/lora"
     )
     checkpoint_layers: Optional[float] = speed_setting(
         None,
@@ -126,9 +126,7 @@ class TrainConfig:
     )
     packing: bool = speed_setting(True, "Padding-free batches: examples end to end in one row, attention kept within each.")
     attention_per_example: bool = speed_setting(True, "Packed batches: causal attention per example, not one masked (N, N) matrix.")
-    fused_loss: Optional[bool] = speed_setting(
-        None, "Output layer and cross-entropy in chunks, without the full logits.", shown="on for lora/8bit, off for full"
-    )
+    fused_loss: Optional[bool] = speed_setting(None, "Output layer and cross-entropy in chunks, without the full logits.", shown="on")
     optim: str = speed_setting("adamw_torch_fused", "Optimizer: any name transformers' TrainingArguments takes.")
     attention_dropout: Optional[float] = speed_setting(
         0.0, "Attention dropout; null (YAML) keeps the model's own (GPT-2: 0.1, which forces unfused attention)."
@@ -139,6 +137,7 @@ class TrainConfig:
         "lora/8bit under bf16: frozen embedding matrices (and a head tied to them) stored in bf16 too; their lookups return fp32. "
         "Rounds the input embeddings to bf16.",
     )
+    fast_dropout: bool = speed_setting(True, "CPU training: dropout masks from 16-bit random integers (p rounded to 1/65536), not torch's Bernoulli sampler.")
     fused_activations: bool = speed_setting(True, "GPT-2's gelu_new as one kernel (gelu_pytorch_tanh): less memory, same function.")
     fast_token_rows: bool = speed_setting(True, "lora/8bit: new-token rows applied directly, not via a copy of the whole matrix.")
     reuse_memory: Optional[bool] = speed_setting(
@@ -171,13 +170,12 @@ class TrainConfig:
     def fuses_loss(self) -> bool:
         """Whether the loss is computed with the output layer, in chunks (peftgen.fused_loss).
 
-        By default only where the head's weight is frozen (lora, 8bit): there it
-        saves the (tokens x vocabulary) logits and never forms the head's weight
-        gradient. In full mode that gradient is needed anyway, and a full-mode
-        epoch measured slower with it than with transformers' loss, so full
-        keeps transformers' loss (benchmarks/README.md).
+        On by default in every mode: it never holds the (tokens x vocabulary)
+        logits, and where the head is frozen (lora, 8bit) it never forms the
+        head's weight gradient. A GPT-2 full-mode epoch ran faster with it too,
+        once its products ran in the run's bf16 (benchmarks/README.md).
         """
-        return self.fused_loss if self.fused_loss is not None else self.mode != "full"
+        return self.fused_loss if self.fused_loss is not None else True
 
     @property
     def reuses_memory(self) -> bool:
@@ -193,13 +191,14 @@ class TrainConfig:
 
     @property
     def checkpointing(self) -> bool:
-        """Whether activations are recomputed in the backward pass instead of kept."""
-        return self.gradient_checkpointing if self.gradient_checkpointing is not None else self.mode != "full"
+        """Whether activations are recomputed in the backward pass instead of kept: by default in 8bit
+        only. LoRA without it ran 1.12x faster on GPT-2 within half of full's memory (benchmarks/README.md)."""
+        return self.gradient_checkpointing if self.gradient_checkpointing is not None else self.mode == "8bit"
 
     @property
     def checkpointed_share(self) -> float:
-        """Share of the layers recomputed when checkpointing: a quarter for LoRA, where the benchmark
-        ran 1.17x faster than with all of them, within half of full's memory (benchmarks/README.md); all of them otherwise."""
+        """Share of the layers recomputed when checkpointing: a quarter for LoRA (where checkpointing is
+        off unless asked for), which ran 1.17x faster than all of them (benchmarks/README.md); all of them otherwise."""
         if self.checkpoint_layers is not None:
             return self.checkpoint_layers
         return 0.25 if self.mode == "lora" else 1.0

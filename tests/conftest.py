@@ -118,4 +118,4 @@ def make_run(tmp_path_factory, text_files):
 @pytest.fixture(scope="session")
 def learnt_run(make_run, tiny_gpt2) -> Path:
     """A full fine-tune of tiny_gpt2 long enough to have learnt its lines: it ends them with <EOS>."""
-    return make_run("full", tiny_gpt2, max_steps=60, lr=2e-2, eval_steps=30, save_steps=60, logging_steps=10)
+    return make_run("full", tiny_gpt2, max_steps=90, lr=2e-2, eval_steps=30, save_steps=90, logging_steps=10)

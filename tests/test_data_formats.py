@@ -254,7 +254,9 @@ def test_eval_scores_jsonl_as_the_same_lines_of_text(tiny_gpt2, tmp_path, summar
         result = runner.invoke(app, ["eval", "--model", str(tiny_gpt2), "--file", str(write(tmp_path, kind, summaries[:6])), "--json"])
         assert result.exit_code == 0, result.output
         scores[kind] = json.loads(result.stdout)
-    assert scores["jsonl"] == scores["txt"]
+    # Equal up to float rounding: the same batches, but BLAS kernels may sum in
+    # another order when their buffers sit at other addresses.
+    assert scores["jsonl"] == pytest.approx(scores["txt"], rel=1e-6)
 
 
 def test_train_takes_parquet_and_jsonl_with_a_text_field(tiny_gpt2, tmp_path, summaries):

@@ -14,6 +14,7 @@ import torch
 
 from peftgen import efficiency, token_rows
 from peftgen.errors import PeftgenError
+from peftgen.fast_dropout import use_fast_dropout
 from peftgen.lean_layers import use_lean_layers
 from peftgen.model.loading import load_pretrained
 from peftgen.model.sizes import context_length
@@ -97,6 +98,8 @@ def prepare_for_training(config, precision: str = "fp32"):
         efficiency.fuse_activations(model)
     if config.leans_layers:
         use_lean_layers(model)
+    if config.fast_dropout:
+        use_fast_dropout(model)
     if config.mode == "full":
         if config.recast_weights and precision in ("bf16", "fp16"):
             recast_weights(model)
@@ -131,6 +134,8 @@ def prepare_for_training(config, precision: str = "fp32"):
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
+    if config.fast_dropout:
+        use_fast_dropout(model)  # lora_dropout's modules
     if config.fast_token_rows:
         token_rows.speed_up(model)
     if config.frozen_bf16 and precision == "bf16":

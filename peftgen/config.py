@@ -192,7 +192,7 @@ class TrainConfig:
     @property
     def checkpointing(self) -> bool:
         """Whether activations are recomputed in the backward pass instead of kept: by default in 8bit
-        only. LoRA without it ran 1.12x faster on GPT-2 within half of full's memory (benchmarks/README.md)."""
+        only. LoRA without it ran 1.13x faster on GPT-2 within half of full's memory (benchmarks/README.md)."""
         return self.gradient_checkpointing if self.gradient_checkpointing is not None else self.mode == "8bit"
 
     @property

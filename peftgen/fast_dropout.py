@@ -18,6 +18,8 @@ the scaling and the gradient.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -31,9 +33,7 @@ def _threshold(p: float) -> int:
 
 def keep_mask(shape, p: float, device=None) -> torch.Tensor:
     """A bool tensor of ``shape``, each element True with probability 1 - p (p rounded to 1/65536)."""
-    count = 1
-    for size in shape:
-        count *= size
+    count = math.prod(shape)
     words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device)
     words.random_(-(1 << 63), (1 << 63) - 1)  # every bit random (the default range leaves the sign bit 0)
     draws = words.view(torch.int16)[:count].view(shape)

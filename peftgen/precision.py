@@ -34,5 +34,10 @@ def resolve(precision: str) -> str:
 def autocast(precision: str):
     """An autocast context for inference in the resolved precision (a no-op for fp32)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = autocast_dtype(precision)
     return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype autocast runs a resolved precision's matmuls in; None for fp32 (no autocast)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

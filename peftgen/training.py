@@ -175,8 +175,7 @@ def speed_settings(config: config_lib.TrainConfig, model, tokenizer, precision: 
     # FSDP and DeepSpeed shard the weights and gather them only inside the
     # model's own forward, where the fused loss, outside it, cannot reach them.
     sharded = any(os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true") for name in ("FSDP", "DEEPSPEED"))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)  # the dtype Trainer autocasts the model to
-    loss = FusedHeadLoss(model, dtype) if config.fuses_loss and not sharded and FusedHeadLoss.supports(model) else None
+    loss = FusedHeadLoss(model, precision_lib.autocast_dtype(precision)) if config.fuses_loss and not sharded and FusedHeadLoss.supports(model) else None
     if config.fuses_loss and loss is None:
         why = "FSDP / DeepSpeed shard its weights" if sharded else "this model's output layer is not a plain linear head"
         runs.note(f"{why}: the loss is transformers' own (fused_loss is off).")

@@ -18,6 +18,10 @@ Every row runs in a fresh process, so its peak memory is its own:
   computed the same way for every row (fp32, token-weighted).
 - memory: 3 steps of batch 2 x 512 tokens; peak resident memory of the
   process (ru_maxrss), which includes about 0.4 GB of imported libraries.
+  On a GPU: the peak of torch.cuda.max_memory_allocated instead.
+
+On a GPU a 12-step epoch is over in a second or two, mostly start-up, so
+pass e.g. ``--epochs 10`` there; every row runs the same epochs.
 
 Rows: "recipe" is the article's run_language_modeling.py --line_by_line on
 plain Trainer (fp32, padded to the longest example, its default optimizer,
@@ -65,6 +69,7 @@ ROWS = ["recipe", "trainer-bf16", "full", "lora", "8bit"]
 # Each ablation is a peftgen mode with one setting changed from its default.
 ABLATIONS = {
     "full, padded batches": ("full", {"packing": False}),
+    "full, one masked attention per row": ("full", {"attention_per_example": False}),
     "full, transformers' loss": ("full", {"fused_loss": False}),
     "full, freed memory unmapped": ("full", {"reuse_memory": False}),
     "full, autocast's weight copies": ("full", {"recast_weights": False}),
@@ -84,7 +89,7 @@ ABLATIONS = {
     "lora, lora_dropout 0.05": ("lora", {"lora_dropout": 0.05}),
     "lora, torch's dropout": ("lora", {"fast_dropout": False}),
 }
-BATCH, EPOCHS, RECIPE_LR = 2, 1.0, 5e-5
+BATCH, RECIPE_LR = 2, 5e-5
 
 
 # ------------------------------------------------------------------ setup (parent process)
@@ -133,7 +138,7 @@ def label_tokens(examples: list[list[int]]) -> int:
     return sum(len(ids) - 1 for ids in examples)  # position 0 is never predicted
 
 
-def run_plain(model_dir: Path, files: dict, bf16: bool, memory: bool, output: Path) -> dict:
+def run_plain(model_dir: Path, files: dict, bf16: bool, memory: bool, output: Path, epochs: float) -> dict:
     """The article's recipe: run_language_modeling.py --line_by_line on plain Trainer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
@@ -151,10 +156,10 @@ def run_plain(model_dir: Path, files: dict, bf16: bool, memory: bool, output: Pa
         output_dir=str(output),
         per_device_train_batch_size=BATCH,
         learning_rate=RECIPE_LR,
-        num_train_epochs=EPOCHS,
+        num_train_epochs=epochs,
         max_steps=3 if memory else -1,
         bf16=bf16,
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),
         report_to="none",
         save_strategy="no",
         logging_steps=1,
@@ -166,13 +171,13 @@ def run_plain(model_dir: Path, files: dict, bf16: bool, memory: bool, output: Pa
     trainer = Trainer(model=model, args=args, train_dataset=data.LineDataset(examples), data_collator=collate)
     metrics = trainer.train().metrics
     result = {"runtime": metrics["train_runtime"], "train_loss": metrics["train_loss"], "label_tokens": label_tokens(examples)}
-    result["peak_rss"] = peak_rss()
+    result.update(peaks())
     if not memory:
         result["valid_loss"] = validation_loss(trainer.model, tokenizer, files["valid"])
     return result
 
 
-def run_peftgen(model_dir: Path, files: dict, mode: str, overrides: dict, memory: bool, output: Path) -> dict:
+def run_peftgen(model_dir: Path, files: dict, mode: str, overrides: dict, memory: bool, output: Path, epochs: float) -> dict:
     from peftgen import config as config_lib
     from peftgen import data
     from peftgen import model as model_lib
@@ -184,7 +189,7 @@ def run_peftgen(model_dir: Path, files: dict, mode: str, overrides: dict, memory
         train_file=str(files["long" if memory else "train"]),
         output_dir=str(output),
         batch_size=BATCH,
-        epochs=EPOCHS,
+        epochs=epochs,
         max_steps=3 if memory else -1,
         save_steps=10_000,
         logging_steps=1,
@@ -193,7 +198,7 @@ def run_peftgen(model_dir: Path, files: dict, mode: str, overrides: dict, memory
     # apply() keeps an override of None (e.g. attention_dropout: null), which resolve() reads as "not given"
     config = config_lib.apply(config_lib.resolve(None, settings), overrides, "benchmark").validate()
     result = train_lib.train(config, overwrite=True, progress=False)
-    out = {"runtime": result.metrics["train_runtime"], "train_loss": result.metrics["train_loss"], "peak_rss": peak_rss()}
+    out = {"runtime": result.metrics["train_runtime"], "train_loss": result.metrics["train_loss"], **peaks()}
     loaded, tokenizer = model_lib.load(output)
     out["label_tokens"] = label_tokens(data.load_examples(settings["train_file"], tokenizer, 512))
     if not memory:
@@ -202,14 +207,31 @@ def run_peftgen(model_dir: Path, files: dict, mode: str, overrides: dict, memory
 
 
 def validation_loss(model, tokenizer, file: Path) -> float:
+    import torch
+
     from peftgen import evaluation as evaluate_lib
 
     model.eval()
-    return evaluate_lib.evaluate(model.float(), file, tokenizer=tokenizer, batch_size=4, max_length=512, precision="fp32", progress=False).loss
+    if not getattr(model, "is_quantized", False):  # int8 weights stay as they are, on their device
+        model = model.float().to("cuda" if torch.cuda.is_available() else "cpu")
+    return evaluate_lib.evaluate(model, file, tokenizer=tokenizer, batch_size=4, max_length=512, precision="fp32", progress=False).loss
 
 
-def peak_rss() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB; GB
+def peaks() -> dict[str, float]:
+    """Peak resident memory of this process in GB, and on a GPU the peak of its allocated memory."""
+    import torch
+
+    out = {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}  # Linux reports KiB
+    if torch.cuda.is_available():
+        out["peak_gpu"] = torch.cuda.max_memory_allocated() / 1e9
+    return out
+
+
+def peak_of(memory: dict | None) -> float | None:
+    """The peak a row's memory is judged by: GPU memory where there was a GPU, else resident memory."""
+    if not memory or "error" in memory:
+        return None
+    return memory.get("peak_gpu", memory.get("peak_rss"))
 
 
 def child(args) -> None:
@@ -223,9 +245,9 @@ def child(args) -> None:
     overrides = json.loads(args.overrides)
     try:
         if args.row in ("recipe", "trainer-bf16"):
-            result = run_plain(Path(args.model_dir), files, args.row == "trainer-bf16", args.memory, output)
+            result = run_plain(Path(args.model_dir), files, args.row == "trainer-bf16", args.memory, output, args.epochs)
         else:
-            result = run_peftgen(Path(args.model_dir), files, args.row, overrides, args.memory, output)
+            result = run_peftgen(Path(args.model_dir), files, args.row, overrides, args.memory, output, args.epochs)
     finally:
         shutil.rmtree(output, ignore_errors=True)  # a row's checkpoints are 0.5-1.5 GB; only its numbers are kept
     print("RESULT " + json.dumps(result), flush=True)
@@ -301,11 +323,13 @@ def profile_step(model_dir: Path, files: dict, repeats: int = 3) -> None:
 # ------------------------------------------------------------------ the table (parent process)
 
 
-def run_row(name: str, row: str, overrides: dict, model_dir: Path, files: dict, work: Path, memory: bool) -> dict:
+def run_row(name: str, row: str, overrides: dict, model_dir: Path, files: dict, work: Path, memory: bool, epochs: float) -> dict:
     command = [
         sys.executable,
         __file__,
         "--child",
+        "--epochs",
+        str(epochs),
         "--row",
         row,
         "--model-dir",
@@ -340,8 +364,9 @@ def machine() -> str:
         pass
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     features = [f for f in ("amx_tile", "avx512_bf16") if f in flags]
+    gpu = f"GPU {torch.cuda.get_device_name()} (peak memory: allocated on the GPU), " if torch.cuda.is_available() else ""
     return (
-        f"{cpu}, {os.cpu_count()} cores ({', '.join(features) or 'no AMX/AVX512-BF16'}; fast bf16: {cpu_has_fast_bf16()}), "
+        f"{gpu}{cpu}, {os.cpu_count()} cores ({', '.join(features) or 'no AMX/AVX512-BF16'}; fast bf16: {cpu_has_fast_bf16()}), "
         f"torch {torch.__version__}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
     )
 
@@ -353,6 +378,7 @@ def main() -> None:
     parser.add_argument("--ablations", action="store_true", help="also run each technique switched off (first shape only)")
     parser.add_argument("--ablation", action="append", default=[], help="also run this one ablation row (repeatable; first shape only)")
     parser.add_argument("--no-memory", action="store_true", help="skip the 512-token memory rows")
+    parser.add_argument("--epochs", type=float, default=1.0, help="epochs of each speed run (default 1; a GPU needs more to time)")
     parser.add_argument("--repeats", type=int, default=1, help="speed runs per row; the median is shown, all rates after it")
     parser.add_argument("--quick", action="store_true", help="tiny model, 6 training pieces: a smoke test of this script")
     parser.add_argument("--work", default=None, help="folder for models, data and runs (default: a temporary folder)")
@@ -388,20 +414,22 @@ def benchmark(args, parser, work: Path) -> None:
     files = build_data(work, 6 if args.quick else 24, 4 if args.quick else 8)
     print(f"machine: {machine()}")
     if args.profile:
+        if "GPU" in machine():
+            parser.error("--profile times CPU steps (bf16 autocast on the CPU)")
         return profile_step(build_model(shapes[0], work / f"model-{shapes[0]}"), files)
     print(f"load average at start: {os.getloadavg()[0]:.2f} (rows are timed one after another; a busy machine skews them)")
     results = []
     for shape in shapes:
         model_dir = build_model(shape, work / f"model-{shape}")
-        print(f"\n{SHAPES[shape][0]}: batch {BATCH}, {EPOCHS:g} epoch; memory: 3 steps of {BATCH} x 512 tokens")
+        print(f"\n{SHAPES[shape][0]}: batch {BATCH}, {args.epochs:g} epoch(s); memory: 3 steps of {BATCH} x 512 tokens")
         print(f"{'row':34} {'label tok/s':>11} {'vs recipe':>9} {'train loss':>10} {'valid loss':>10} {'peak GB':>8} {'vs full':>7}  all runs")
         table = {}
         for name, row, overrides in rows:
             if shape != shapes[0] and overrides:
                 continue
-            runs_ = [run_row(name, row, overrides, model_dir, files, work, memory=False) for _ in range(args.repeats)]
+            runs_ = [run_row(name, row, overrides, model_dir, files, work, False, args.epochs) for _ in range(args.repeats)]
             speed = median_run(runs_)
-            memory = {} if args.no_memory else run_row(name, row, overrides, model_dir, files, work, memory=True)
+            memory = {} if args.no_memory else run_row(name, row, overrides, model_dir, files, work, True, args.epochs)
             entry = {"shape": shape, "row": name, "speed": speed, "memory": memory}
             table[name] = entry
             results.append(entry)
@@ -429,8 +457,7 @@ def summary(table: dict) -> str:
         return table.get(row, {}).get("tokens_per_s")
 
     def peak(row):
-        memory = table.get(row, {}).get("memory") or {}
-        return memory.get("peak_rss")
+        return peak_of(table.get(row, {}).get("memory"))
 
     parts = []
     if rate("full") and rate("recipe"):
@@ -455,8 +482,8 @@ def format_row(name: str, entry: dict, table: dict) -> str:
     entry["tokens_per_s"] = rate
     recipe = table.get("recipe", {}).get("tokens_per_s")
     ratio = f"{rate / recipe:8.2f}x" if recipe else f"{'':9}"
-    peak = memory.get("peak_rss") if memory and "error" not in memory else None
-    full_peak = (table.get("full", {}).get("memory") or {}).get("peak_rss")
+    peak = peak_of(memory)
+    full_peak = peak_of(table.get("full", {}).get("memory"))
     vs_full = f"{peak / full_peak:6.0%}" if peak and full_peak else f"{'':7}"
     peak_text = f"{peak:8.2f}" if peak else f"{'-':>8}"
     spread = "/".join(str(r) for r in speed.get("rates", [])) if len(speed.get("rates", [])) > 1 else ""

@@ -13,8 +13,13 @@ shipped book-summary sample cut by ``peftgen prepare`` into pieces of at most
 Every row runs in a fresh process, so its peak memory is its own:
 
 - speed: one epoch over the 24 pieces, batch 2, no evaluation during
-  training; label tokens/s = predicted tokens (padding excluded) / Trainer's
-  train_runtime. Then the validation loss per token of the trained weights,
+  training; label tokens/s = predicted tokens (padding excluded) / the time
+  from the first step's start to the last step's end. Checkpoint writing is
+  left out of it for every row alike: peftgen writes a resumable checkpoint
+  at the end of a run (model and optimizer state: about 4 s for GPT-2 full
+  on 2 cores), and the recipe's script writes one every 500 steps, none
+  within one short epoch. The "saving" column is Trainer's train_runtime
+  less that time: mostly this final checkpoint. Then the validation loss per token of the trained weights,
   computed the same way for every row (fp32, token-weighted).
 - memory: 3 steps of batch 2 x 512 tokens; peak resident memory of the
   process (ru_maxrss), which includes about 0.4 GB of imported libraries.
@@ -138,7 +143,50 @@ def label_tokens(examples: list[list[int]]) -> int:
     return sum(len(ids) - 1 for ids in examples)  # position 0 is never predicted
 
 
-def run_plain(model_dir: Path, files: dict, bf16: bool, memory: bool, output: Path, epochs: float) -> dict:
+class LoopTimer:
+    """Seconds from the start of training to the end of its last step, for any Trainer made in this process.
+
+    Trainer's train_runtime also holds the checkpoint written after the last
+    step, which peftgen writes and plain Trainer with save_strategy "no" does
+    not; timing the loop itself measures every row alike.
+    """
+
+    def __init__(self):
+        from transformers import Trainer, TrainerCallback
+
+        timer = self
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                timer.synchronize()
+                timer.start = timer.end = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                timer.synchronize()  # a GPU's queued work belongs to the step
+                timer.end = time.perf_counter()
+
+        self.start = self.end = 0.0
+        init = Trainer.__init__
+
+        def add_timer(trainer, *args, **kwargs):
+            init(trainer, *args, **kwargs)
+            trainer.add_callback(Callback())
+
+        Trainer.__init__ = add_timer
+
+    @staticmethod
+    def synchronize() -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+def run_plain(model_dir: Path, files: dict, bf16: bool, memory: bool, output: Path, epochs: int) -> dict:
     """The article's recipe: run_language_modeling.py --line_by_line on plain Trainer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
@@ -170,14 +218,14 @@ def run_plain(model_dir: Path, files: dict, bf16: bool, memory: bool, output: Pa
     collate = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     trainer = Trainer(model=model, args=args, train_dataset=data.LineDataset(examples), data_collator=collate)
     metrics = trainer.train().metrics
-    result = {"runtime": metrics["train_runtime"], "train_loss": metrics["train_loss"], "label_tokens": label_tokens(examples)}
+    result = {"runtime": metrics["train_runtime"], "train_loss": metrics["train_loss"], "label_tokens": label_tokens(examples) * epochs}
     result.update(peaks())
     if not memory:
         result["valid_loss"] = validation_loss(trainer.model, tokenizer, files["valid"])
     return result
 
 
-def run_peftgen(model_dir: Path, files: dict, mode: str, overrides: dict, memory: bool, output: Path, epochs: float) -> dict:
+def run_peftgen(model_dir: Path, files: dict, mode: str, overrides: dict, memory: bool, output: Path, epochs: int) -> dict:
     from peftgen import config as config_lib
     from peftgen import data
     from peftgen import model as model_lib
@@ -200,7 +248,7 @@ def run_peftgen(model_dir: Path, files: dict, mode: str, overrides: dict, memory
     result = train_lib.train(config, overwrite=True, progress=False)
     out = {"runtime": result.metrics["train_runtime"], "train_loss": result.metrics["train_loss"], **peaks()}
     loaded, tokenizer = model_lib.load(output)
-    out["label_tokens"] = label_tokens(data.load_examples(settings["train_file"], tokenizer, 512))
+    out["label_tokens"] = label_tokens(data.load_examples(settings["train_file"], tokenizer, 512)) * epochs
     if not memory:
         out["valid_loss"] = validation_loss(loaded, tokenizer, files["valid"])
     return out
@@ -243,6 +291,7 @@ def child(args) -> None:
     files = {k: Path(v) for k, v in json.loads(args.files).items()}
     output = Path(tempfile.mkdtemp(prefix="row-", dir=args.work))
     overrides = json.loads(args.overrides)
+    timer = LoopTimer()
     try:
         if args.row in ("recipe", "trainer-bf16"):
             result = run_plain(Path(args.model_dir), files, args.row == "trainer-bf16", args.memory, output, args.epochs)
@@ -250,6 +299,7 @@ def child(args) -> None:
             result = run_peftgen(Path(args.model_dir), files, args.row, overrides, args.memory, output, args.epochs)
     finally:
         shutil.rmtree(output, ignore_errors=True)  # a row's checkpoints are 0.5-1.5 GB; only its numbers are kept
+    result["loop"] = timer.seconds
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -323,7 +373,7 @@ def profile_step(model_dir: Path, files: dict, repeats: int = 3) -> None:
 # ------------------------------------------------------------------ the table (parent process)
 
 
-def run_row(name: str, row: str, overrides: dict, model_dir: Path, files: dict, work: Path, memory: bool, epochs: float) -> dict:
+def run_row(name: str, row: str, overrides: dict, model_dir: Path, files: dict, work: Path, memory: bool, epochs: int) -> dict:
     command = [
         sys.executable,
         __file__,
@@ -378,7 +428,7 @@ def main() -> None:
     parser.add_argument("--ablations", action="store_true", help="also run each technique switched off (first shape only)")
     parser.add_argument("--ablation", action="append", default=[], help="also run this one ablation row (repeatable; first shape only)")
     parser.add_argument("--no-memory", action="store_true", help="skip the 512-token memory rows")
-    parser.add_argument("--epochs", type=float, default=1.0, help="epochs of each speed run (default 1; a GPU needs more to time)")
+    parser.add_argument("--epochs", type=int, default=1, help="whole epochs of each speed run (default 1; a GPU needs more to time)")
     parser.add_argument("--repeats", type=int, default=1, help="speed runs per row; the median is shown, all rates after it")
     parser.add_argument("--quick", action="store_true", help="tiny model, 6 training pieces: a smoke test of this script")
     parser.add_argument("--work", default=None, help="folder for models, data and runs (default: a temporary folder)")
@@ -422,7 +472,7 @@ def benchmark(args, parser, work: Path) -> None:
     for shape in shapes:
         model_dir = build_model(shape, work / f"model-{shape}")
         print(f"\n{SHAPES[shape][0]}: batch {BATCH}, {args.epochs:g} epoch(s); memory: 3 steps of {BATCH} x 512 tokens")
-        print(f"{'row':34} {'label tok/s':>11} {'vs recipe':>9} {'train loss':>10} {'valid loss':>10} {'peak GB':>8} {'vs full':>7}  all runs")
+        print(f"{'row':34} {'label tok/s':>11} {'vs recipe':>9} {'saving':>6} {'train loss':>10} {'valid loss':>10} {'peak GB':>8} {'vs full':>7}  all runs")
         table = {}
         for name, row, overrides in rows:
             if shape != shapes[0] and overrides:
@@ -444,9 +494,9 @@ def median_run(runs: list[dict]) -> dict:
     good = [r for r in runs if "error" not in r]
     if not good:
         return runs[0]
-    good.sort(key=lambda r: r["label_tokens"] / r["runtime"])
+    good.sort(key=lambda r: r["label_tokens"] / r["loop"])
     middle = dict(good[len(good) // 2])
-    middle["rates"] = [round(r["label_tokens"] / r["runtime"]) for r in good]
+    middle["rates"] = [round(r["label_tokens"] / r["loop"]) for r in good]
     return middle
 
 
@@ -478,7 +528,7 @@ def format_row(name: str, entry: dict, table: dict) -> str:
     speed, memory = entry["speed"], entry["memory"]
     if "error" in speed:
         return f"{name:34} failed: {speed['error'][:200]}"
-    rate = speed["label_tokens"] / speed["runtime"]
+    rate = speed["label_tokens"] / speed["loop"]
     entry["tokens_per_s"] = rate
     recipe = table.get("recipe", {}).get("tokens_per_s")
     ratio = f"{rate / recipe:8.2f}x" if recipe else f"{'':9}"
@@ -487,7 +537,11 @@ def format_row(name: str, entry: dict, table: dict) -> str:
     vs_full = f"{peak / full_peak:6.0%}" if peak and full_peak else f"{'':7}"
     peak_text = f"{peak:8.2f}" if peak else f"{'-':>8}"
     spread = "/".join(str(r) for r in speed.get("rates", [])) if len(speed.get("rates", [])) > 1 else ""
-    return f"{name:34} {rate:11.0f} {ratio} {speed['train_loss']:10.4f} {speed.get('valid_loss', float('nan')):10.4f} {peak_text} {vs_full}  {spread}"
+    saving = speed["runtime"] - speed["loop"]
+    return (
+        f"{name:34} {rate:11.0f} {ratio} {saving:6.1f} {speed['train_loss']:10.4f} {speed.get('valid_loss', float('nan')):10.4f} "
+        f"{peak_text} {vs_full}  {spread}"
+    )
 
 
 if __name__ == "__main__":

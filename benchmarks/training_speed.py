@@ -93,6 +93,7 @@ ABLATIONS = {
     "lora, every layer checkpointed": ("lora", {"gradient_checkpointing": True, "checkpoint_layers": 1.0}),
     "lora, lora_dropout 0.05": ("lora", {"lora_dropout": 0.05}),
     "lora, torch's dropout": ("lora", {"fast_dropout": False}),
+    "lora, PEFT's LoRA forward": ("lora", {"fused_lora": False}),
 }
 BATCH, RECIPE_LR = 2, 5e-5
 

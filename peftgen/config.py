@@ -138,6 +138,9 @@ class TrainConfig:
         "Rounds the input embeddings to bf16.",
     )
     fast_dropout: bool = speed_setting(True, "CPU training: dropout masks from 16-bit random integers (p rounded to 1/65536), not torch's Bernoulli sampler.")
+    fused_lora: bool = speed_setting(
+        True, "lora: each adapted layer casts its input once and adds its scaled adapter product into the base output in one addmm."
+    )
     fused_activations: bool = speed_setting(True, "GPT-2's gelu_new as one kernel (gelu_pytorch_tanh): less memory, same function.")
     fast_token_rows: bool = speed_setting(True, "lora/8bit: new-token rows applied directly, not via a copy of the whole matrix.")
     reuse_memory: Optional[bool] = speed_setting(

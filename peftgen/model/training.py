@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from peftgen import efficiency, token_rows
+from peftgen import efficiency, fused_lora, token_rows
 from peftgen.errors import PeftgenError
 from peftgen.fast_dropout import use_fast_dropout
 from peftgen.lean_layers import use_lean_layers
@@ -138,6 +138,8 @@ def prepare_for_training(config, precision: str = "fp32"):
         use_fast_dropout(model)  # lora_dropout's modules
     if config.fast_token_rows:
         token_rows.speed_up(model)
+    if config.fused_lora:
+        fused_lora.speed_up(model)
     if config.frozen_bf16 and precision == "bf16":
         efficiency.store_frozen_in_bf16(model)
     if config.frozen_embeddings_bf16 and precision == "bf16":

@@ -458,6 +458,8 @@ def main() -> None:
 def benchmark(args, parser, work: Path) -> None:
     shapes = ["tiny"] if args.quick else args.shapes.split(",")
     rows = [(row, row, {}) for row in args.rows.split(",")]
+    if args.epochs < 1 or args.repeats < 1:
+        parser.error(f"--epochs and --repeats take a whole number of at least 1, got {args.epochs} and {args.repeats}")
     unknown = [name for name in args.ablation if name not in ABLATIONS]
     if unknown:
         parser.error(f"unknown ablation {unknown[0]!r}; the ablations are: {', '.join(ABLATIONS)}")
@@ -490,14 +492,19 @@ def benchmark(args, parser, work: Path) -> None:
         Path(args.json).write_text(json.dumps({"machine": machine(), "results": results}, indent=2), encoding="utf-8")
 
 
+def rate_of(run: dict) -> float:
+    """Label tokens per second of the training loop."""
+    return run["label_tokens"] / run["loop"]
+
+
 def median_run(runs: list[dict]) -> dict:
     """The run with the median tokens/s; every run's rate kept, so the spread shows."""
     good = [r for r in runs if "error" not in r]
     if not good:
         return runs[0]
-    good.sort(key=lambda r: r["label_tokens"] / r["loop"])
+    good.sort(key=rate_of)
     middle = dict(good[len(good) // 2])
-    middle["rates"] = [round(r["label_tokens"] / r["loop"]) for r in good]
+    middle["rates"] = [round(rate_of(r)) for r in good]
     return middle
 
 
@@ -529,7 +536,7 @@ def format_row(name: str, entry: dict, table: dict) -> str:
     speed, memory = entry["speed"], entry["memory"]
     if "error" in speed:
         return f"{name:34} failed: {speed['error'][:200]}"
-    rate = speed["label_tokens"] / speed["loop"]
+    rate = rate_of(speed)
     entry["tokens_per_s"] = rate
     recipe = table.get("recipe", {}).get("tokens_per_s")
     ratio = f"{rate / recipe:8.2f}x" if recipe else f"{'':9}"

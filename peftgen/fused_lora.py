@@ -8,11 +8,12 @@ written, scaled and added as three full-size tensors, each pass repeated in
 the backward pass. For GPT-2 small that is 7M elements a layer per pass.
 
 ``speed_up(model)`` gives each plain LoRA ``Linear`` (one active adapter, no
-dropout, no DoRA-style variant, not merged, over an ``nn.Linear`` or
-GPT-2's ``Conv1D``) a forward that casts the input once and computes the
+dropout, no DoRA-style variant, not merged) a forward that casts the input once and computes the
 same sum as ``torch.addmm(base(x), x A^T, B^T, alpha=scaling)``: the scaled
-adapter product is added into the base output by the product itself.
-Anything else goes to PEFT's forward. The adapter's parameters and files
+adapter product is added into the base output by the product itself. The
+base product is taken directly for an ``nn.Linear`` or GPT-2's ``Conv1D``,
+through the base module's own forward for anything else. Other adapters go
+to PEFT's forward. The adapter's parameters and files
 are PEFT's own; tests/test_fused_lora.py checks outputs and gradients against
 PEFT's forward.
 """
@@ -58,11 +59,12 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if name is None or args or kwargs:
         return self._peftgen_original_forward(x, *args, **kwargs)
     device = x.device.type
-    if torch.is_autocast_enabled(device):
+    autocast = torch.is_autocast_enabled(device)
+    if autocast:
         x = x.to(torch.get_autocast_dtype(device))  # once, for the base and the adapter
     base = _base_product(self.base_layer, x)  # (..., out)
     lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight  # (r, in), (out, r)
-    if not torch.is_autocast_enabled(device):
+    if not autocast:
         x = x.to(lora_A.dtype)
     down = x.reshape(-1, x.shape[-1]) @ lora_A.T.to(x.dtype)  # (N, r)
     up = lora_B.T.to(down.dtype)  # (r, out)
@@ -72,13 +74,12 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def speed_up(model) -> int:
-    """Give every PEFT LoRA Linear over an nn.Linear or Conv1D the fused forward; returns how many."""
+    """Give every PEFT LoRA Linear the fused forward (its base product is chosen per call); returns how many."""
     from peft.tuners.lora.layer import Linear
-    from transformers.pytorch_utils import Conv1D
 
     count = 0
     for module in model.modules():
-        if type(module) is Linear and isinstance(module.base_layer, (torch.nn.Linear, Conv1D)) and "_peftgen_original_forward" not in module.__dict__:
+        if type(module) is Linear and "_peftgen_original_forward" not in module.__dict__:
             module._peftgen_original_forward = module.forward
             module.forward = types.MethodType(_forward, module)
             count += 1

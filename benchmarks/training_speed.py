@@ -79,6 +79,8 @@ ABLATIONS = {
     "full, freed memory unmapped": ("full", {"reuse_memory": False}),
     "full, autocast's weight copies": ("full", {"recast_weights": False}),
     "full, the model's own Llama layers": ("full", {"lean_layers": False}),
+    "full, dense embedding gradient": ("full", {"sparse_embedding_grad": False}),
+    "full, glibc's malloc as it comes": ("full", {"lean_malloc": False}),
     "full, a quarter of layers checkpointed": ("full", {"gradient_checkpointing": True, "checkpoint_layers": 0.25}),
     "full, model's attention dropout": ("full", {"attention_dropout": None}),
     "full, adamw_torch (not fused)": ("full", {"optim": "adamw_torch"}),
@@ -94,6 +96,8 @@ ABLATIONS = {
     "lora, lora_dropout 0.05": ("lora", {"lora_dropout": 0.05}),
     "lora, torch's dropout": ("lora", {"fast_dropout": False}),
     "lora, PEFT's LoRA forward": ("lora", {"fused_lora": False}),
+    "lora, glibc's malloc as it comes": ("lora", {"lean_malloc": False}),
+    "8bit, glibc's malloc as it comes": ("8bit", {"lean_malloc": False}),
 }
 BATCH, RECIPE_LR = 2, 5e-5
 
@@ -392,7 +396,11 @@ def run_row(name: str, row: str, overrides: dict, model_dir: Path, files: dict, 
         "--overrides",
         json.dumps(overrides),
     ] + (["--memory"] if memory else [])
-    done = subprocess.run(command, capture_output=True, text=True)
+    from peftgen import allocator
+
+    # A peftgen row's process starts as the peftgen program starts its training process (peftgen.allocator).
+    lean_malloc = row not in ("recipe", "trainer-bf16") and overrides.get("lean_malloc", True)
+    done = subprocess.run(command, capture_output=True, text=True, env=allocator.environment() if lean_malloc else None)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]

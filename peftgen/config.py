@@ -148,6 +148,16 @@ class TrainConfig:
         "glibc keeps large freed blocks for the next step instead of unmapping them and faulting fresh pages in again.",
         shown="on for full, off for lora/8bit",
     )
+    sparse_embedding_grad: bool = speed_setting(
+        True,
+        "full, one process on the CPU: a tied input embedding's gradient as the rows the batch used, added into the head's, "
+        "not a zeroed vocabulary-sized matrix.",
+    )
+    lean_malloc: bool = speed_setting(
+        True,
+        "The peftgen program on glibc trains in a process started with malloc's per-thread cache and fast bins off, "
+        "so that freed tensor blocks are reused instead of the heap growing (peftgen.allocator).",
+    )
     recast_weights: bool = speed_setting(
         False, "full under autocast: linear layers cast their fp32 weights again for the backward pass instead of keeping autocast's copies."
     )

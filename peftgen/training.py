@@ -30,7 +30,7 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import rotate_checkpoints
 
-from peftgen import attention, batching, corpus, data, efficiency, plot, run_files, runs
+from peftgen import allocator, attention, batching, corpus, data, efficiency, plot, run_files, runs
 from peftgen import config as config_lib
 from peftgen import model as model_lib
 from peftgen import precision as precision_lib
@@ -274,8 +274,11 @@ def train(
         "trainable_params": trainable,
         "total_params": total,
         "versions": _versions(),
+        "lean_malloc": allocator.active(),
     }
     packing, per_example, loss = speed_settings(config, model, tokenizer, precision)
+    if config.mode == "full" and config.sparse_embedding_grad and processes.state is None and not torch.cuda.is_available():
+        efficiency.sparse_embedding_gradient(model)
     try:
         trainer = PeftgenTrainer(
             model=model,

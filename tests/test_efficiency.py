@@ -259,3 +259,48 @@ def test_training_reuses_freed_memory_unless_told_otherwise(tiny_gpt2, text_file
         before = len(entered)
         train_lib.train(config_lib.resolve(None, settings), overwrite=True, progress=False)
         assert len(entered) - before == (number in (0, 3)), (mode, overrides)
+
+
+def _full_gradients(base, sparse: bool):
+    """(switched on?, {name: gradient}) after two micro-batches of full fine-tuning, the second adding into the first."""
+    torch.manual_seed(0)
+    config = config_lib.resolve(None, {"model": str(base), "mode": "full", "train_file": "x"})
+    model = model_lib.prepare_for_training(config, "fp32")[0].eval()  # eval: no dropout, the same products
+    switched = efficiency.sparse_embedding_gradient(model) if sparse else False
+    for ids in (IDS, IDS.flip(1)):
+        model(input_ids=ids, labels=ids).loss.backward()
+    return switched, {name: p.grad for name, p in model.named_parameters()}
+
+
+def test_a_tied_embeddings_rows_are_added_into_the_heads_dense_gradient(tiny_gpt2):
+    switched, sparse = _full_gradients(tiny_gpt2, True)
+    _, dense = _full_gradients(tiny_gpt2, False)
+    assert switched
+    assert sparse.keys() == dense.keys()
+    for name, gradient in dense.items():
+        assert sparse[name].layout == torch.strided, name  # what fused AdamW and gradient clipping take
+        torch.testing.assert_close(sparse[name], gradient, rtol=0, atol=1e-6)
+
+
+def test_an_untied_embedding_keeps_its_dense_gradient(tiny_llama):
+    config = config_lib.resolve(None, {"model": str(tiny_llama), "mode": "full", "train_file": "x"})
+    model = model_lib.prepare_for_training(config, "fp32")[0]
+    assert not efficiency.sparse_embedding_gradient(model)
+    assert not model.get_input_embeddings().sparse
+
+
+def test_full_training_on_the_cpu_adds_embedding_rows_sparsely_unless_told_otherwise(tiny_gpt2, text_files, tmp_path, monkeypatch):
+    from tiny_runs import run_settings
+
+    from peftgen import training as train_lib
+
+    switched, real = [], efficiency.sparse_embedding_gradient
+    monkeypatch.setattr(efficiency, "sparse_embedding_gradient", lambda model: switched.append(real(model)) or switched[-1])
+    losses = {}
+    for number, (mode, overrides) in enumerate([("full", {}), ("full", {"sparse_embedding_grad": False}), ("lora", {})]):
+        settings = run_settings(tiny_gpt2, text_files, tmp_path / str(number), mode, max_steps=2, **overrides)
+        before = len(switched)
+        result = train_lib.train(config_lib.resolve(None, settings), overwrite=True, progress=False)
+        assert switched[before:] == ([True] if number == 0 else []), (mode, overrides)
+        losses[number] = [entry["loss"] for entry in result.log_history if "loss" in entry]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

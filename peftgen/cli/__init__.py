@@ -83,5 +83,15 @@ def _quiet_libraries(ctx: typer.Context) -> None:
     quiet_libraries()
 
 
+_program = False
+
+
+def is_program() -> bool:
+    """Whether this is the peftgen program itself (main), which may restart its process, not the app called in-process."""
+    return _program
+
+
 def main(args: list[str] | None = None) -> None:
+    global _program
+    _program = True
     app(args=args, prog_name="peftgen")

@@ -22,6 +22,7 @@ import typer
 import yaml
 from rich.markup import escape
 
+from peftgen import allocator
 from peftgen import config as config_lib
 from peftgen.generation.options import convert
 
@@ -58,14 +59,19 @@ def _flag(field: dataclasses.Field) -> inspect.Parameter:
 
 def train(config: Optional[Path] = None, resume: bool = False, overwrite: bool = False, **flags) -> None:
     """Fine-tune a causal LM on line-by-line text, adding <BOS>/<EOS>/<PAD> as trainable tokens."""
-    from peftgen import training
-    from peftgen.runs import main_process
-
     if flags.get("sample_options") is not None:
         from peftgen.generation import parse_pairs
 
         flags["sample_options"] = parse_pairs(flags["sample_options"])
     settings = config_lib.resolve(config, flags)
+    from peftgen.cli import is_program
+
+    if settings.lean_malloc and is_program():
+        allocator.restart()  # before torch starts; the new process resolves the same settings and goes on
+
+    from peftgen import training
+    from peftgen.runs import main_process
+
     if main_process():  # under torchrun every process runs this command; one of them reports
         typer.echo("peftgen train, resolved config:")
         typer.echo(yaml.safe_dump(settings.to_dict(), sort_keys=False).rstrip())

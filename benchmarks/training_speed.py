@@ -49,6 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import matmul_rates  # beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "tests" / "assets" / "gpt2-tokenizer"
 SAMPLE = ROOT / "data" / "cmu-booksummaries-sample.tsv"
@@ -79,8 +81,7 @@ ABLATIONS = {
     "full, freed memory unmapped": ("full", {"reuse_memory": False}),
     "full, autocast's weight copies": ("full", {"recast_weights": False}),
     "full, the model's own Llama layers": ("full", {"lean_layers": False}),
-    "full, dense embedding gradient": ("full", {"sparse_embedding_grad": False}),
-    "full, glibc's malloc as it comes": ("full", {"lean_malloc": False}),
+    "full, malloc's tcache and fast bins off": ("full", {"lean_malloc": True}),
     "full, a quarter of layers checkpointed": ("full", {"gradient_checkpointing": True, "checkpoint_layers": 0.25}),
     "full, model's attention dropout": ("full", {"attention_dropout": None}),
     "full, adamw_torch (not fused)": ("full", {"optim": "adamw_torch"}),
@@ -96,7 +97,7 @@ ABLATIONS = {
     "lora, lora_dropout 0.05": ("lora", {"lora_dropout": 0.05}),
     "lora, torch's dropout": ("lora", {"fast_dropout": False}),
     "lora, PEFT's LoRA forward": ("lora", {"fused_lora": False}),
-    "lora, glibc's malloc as it comes": ("lora", {"lean_malloc": False}),
+    "lora, malloc's tcache and fast bins off": ("lora", {"lean_malloc": True}),
     "8bit, glibc's malloc as it comes": ("8bit", {"lean_malloc": False}),
 }
 BATCH, RECIPE_LR = 2, 5e-5
@@ -399,7 +400,7 @@ def run_row(name: str, row: str, overrides: dict, model_dir: Path, files: dict, 
     from peftgen import allocator
 
     # A peftgen row's process starts as the peftgen program starts its training process (peftgen.allocator).
-    lean_malloc = row not in ("recipe", "trainer-bf16") and overrides.get("lean_malloc", True)
+    lean_malloc = row not in ("recipe", "trainer-bf16") and overrides.get("lean_malloc", row == "8bit")
     done = subprocess.run(command, capture_output=True, text=True, env=allocator.environment() if lean_malloc else None)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -479,10 +480,15 @@ def benchmark(args, parser, work: Path) -> None:
             parser.error("--profile times CPU steps (bf16 autocast on the CPU)")
         return profile_step(build_model(shapes[0], work / f"model-{shapes[0]}"), files)
     print(f"load average at start: {os.getloadavg()[0]:.2f} (rows are timed one after another; a busy machine skews them)")
+    rates = machine_rates()
+    print(f"this machine's products ({' x '.join(map(str, PRODUCT))}): bf16 {rates['bfloat16']:.2f} TFLOP/s, fp32 {rates['float32']:.2f}")
     results = []
     for shape in shapes:
         model_dir = build_model(shape, work / f"model-{shape}")
+        parameters = parameter_count(model_dir)
+        bound = matmul_rates.bound_tokens_per_second(parameters, rates["bfloat16"])
         print(f"\n{SHAPES[shape][0]}: batch {BATCH}, {args.epochs:g} epoch(s); memory: 3 steps of {BATCH} x 512 tokens")
+        print(f"full fine-tuning's 6 FLOPs per parameter per token ({parameters / 1e6:.0f}M parameters) at the bf16 rate: at most {bound:.0f} tokens/s")
         print(f"{'row':34} {'label tok/s':>11} {'vs recipe':>9} {'saving':>6} {'train loss':>10} {'valid loss':>10} {'peak GB':>8} {'vs full':>7}  all runs")
         table = {}
         for name, row, overrides in rows:
@@ -496,8 +502,40 @@ def benchmark(args, parser, work: Path) -> None:
             results.append(entry)
             print(format_row(name, entry, table), flush=True)
         print(summary(table))
+        print(against_the_bound(table, bound))
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "results": results}, indent=2), encoding="utf-8")
+        Path(args.json).write_text(json.dumps({"machine": machine(), "products_tflops": rates, "results": results}, indent=2), encoding="utf-8")
+
+
+PRODUCT = (1024, 768, 3072)  # a GPT-2 small MLP product at 2 x 512 tokens
+
+
+def machine_rates() -> dict[str, float]:
+    """TFLOP/s of this machine's bf16 and fp32 products at PRODUCT's shape (on the GPU where there is one)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {dtype: matmul_rates.product_rate(dtype, device, PRODUCT) for dtype in ("bfloat16", "float32")}
+
+
+def parameter_count(model_dir: Path) -> int:
+    """Parameters of the model in model_dir, a tied matrix counted once; built on the meta device, nothing loaded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(p.numel() for p in model.parameters())
+
+
+def against_the_bound(table: dict, bound: float) -> str:
+    """full's rate, and 3x the recipe's, as shares of what this machine's bf16 products allow."""
+    full, recipe = table.get("full", {}).get("tokens_per_s"), table.get("recipe", {}).get("tokens_per_s")
+    if not full or not recipe:
+        return ""
+    return (
+        f"against this machine's products: full runs at {full / bound:.0%} of the bf16 products' bound; 3x the recipe would be {3 * recipe / bound:.0%} of it"
+    )
 
 
 def rate_of(run: dict) -> float:

@@ -8,13 +8,16 @@ count as in use: when the tensor is freed its block cannot merge with its
 neighbour, and on its own it is a few bytes short of the next request of
 the same size. So the next step's tensors of the same sizes do not fit
 where the last step's were; the heap grows instead, and every fresh block
-costs the kernel's page faults. In a 3-step LoRA run of SmolLM2-135M's shape
-at 2 x 512 tokens the process peaked at 1.80 GB that way, against 1.63 GB
-with the cache and fast bins off (benchmarks/README.md has the rows).
+costs the kernel's page faults. In a 3-step 8-bit run of SmolLM2-135M's
+shape at 2 x 512 tokens the process peaked at 1.24 GB that way, against
+1.00 GB with the cache and fast bins off (benchmarks/README.md has the
+rows). Without the cache every small allocation takes glibc's slower path,
+which LoRA and full fine-tuning, with many small operations, felt more than
+the faults saved: on for ``8bit`` only, unless set.
 
 Neither can be switched off from a running process (``mallopt`` has no
 tcache setting), only by ``GLIBC_TUNABLES`` at its start. So the ``peftgen``
-program, asked to train, starts itself once more with them set
+program, asked to train with them, starts itself once more with them set
 (``restart``), before torch is imported; a training run records whether it
 had them (``lean_malloc`` in run.json). Code that calls ``peftgen.train``
 from its own Python process can set the same variable before starting it:

@@ -148,15 +148,11 @@ class TrainConfig:
         "glibc keeps large freed blocks for the next step instead of unmapping them and faulting fresh pages in again.",
         shown="on for full, off for lora/8bit",
     )
-    sparse_embedding_grad: bool = speed_setting(
-        True,
-        "full, one process on the CPU: a tied input embedding's gradient as the rows the batch used, added into the head's, "
-        "not a zeroed vocabulary-sized matrix.",
-    )
-    lean_malloc: bool = speed_setting(
-        True,
+    lean_malloc: Optional[bool] = speed_setting(
+        None,
         "The peftgen program on glibc trains in a process started with malloc's per-thread cache and fast bins off, "
         "so that freed tensor blocks are reused instead of the heap growing (peftgen.allocator).",
+        shown="on for 8bit, off for full/lora",
     )
     recast_weights: bool = speed_setting(
         False, "full under autocast: linear layers cast their fp32 weights again for the backward pass instead of keeping autocast's copies."
@@ -195,6 +191,12 @@ class TrainConfig:
         """Whether glibc keeps large freed blocks during training (efficiency.reusing_freed_memory): in full
         mode, where it made the epoch faster; not in lora/8bit, where memory is the point and it raised the peak."""
         return self.reuse_memory if self.reuse_memory is not None else self.mode == "full"
+
+    @property
+    def leans_malloc(self) -> bool:
+        """Whether the peftgen program trains in a process with glibc's tcache and fast bins off (peftgen.allocator):
+        in 8bit, where it measured faster and lighter; not in full/lora, where small allocations slowed without them."""
+        return self.lean_malloc if self.lean_malloc is not None else self.mode == "8bit"
 
     @property
     def leans_layers(self) -> bool:

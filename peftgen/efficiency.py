@@ -44,15 +44,6 @@ Each one has a switch in TrainConfig and a row in benchmarks/README.md:
   a weight gradient that a frozen int8 weight never has (0.2 GB of an 8-bit
   step of GPT-2 small at 2 x 512 tokens). The reference is dropped when the
   weight is frozen; the arithmetic is untouched.
-- ``sparse_embedding_gradient``: in full fine-tuning an ``nn.Embedding``'s
-  backward zeroes a whole (vocabulary, width) fp32 matrix (154 MB for
-  GPT-2 small) to scatter the few hundred rows a batch used into it, every
-  step. With the embedding tied to the output head, the head's gradient is
-  already a dense matrix of that shape and reaches the shared weight first
-  (the head is the last layer, the lookup the first), so autograd can add
-  the lookup's rows into it in place, given them as a sparse gradient. The
-  weight's gradient stays dense; the sum is the same up to the order of
-  additions.
 """
 
 from __future__ import annotations
@@ -247,22 +238,6 @@ def reusing_freed_memory(limit: int = 1 << 30):
     glibc this does nothing.
     """
     return _malloc_thresholds(limit)
-
-
-def sparse_embedding_gradient(model) -> bool:
-    """The input embedding's backward gives only the rows it used, where the output head shares its weight.
-
-    Returns whether it was switched on: not for untied embeddings, whose
-    gradient would then stay sparse, which fused AdamW and gradient clipping
-    do not take. Only for one process: DistributedDataParallel reads
-    ``Embedding.sparse`` when it wraps the model and would then expect a
-    sparse gradient where autograd hands it the dense sum.
-    """
-    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
-    if not isinstance(inputs, torch.nn.Embedding) or outputs is None or getattr(outputs, "weight", None) is not inputs.weight:
-        return False
-    inputs.sparse = True
-    return True
 
 
 def checkpoint_only(model, share: float) -> int:

@@ -277,8 +277,6 @@ def train(
         "lean_malloc": allocator.active(),
     }
     packing, per_example, loss = speed_settings(config, model, tokenizer, precision)
-    if config.mode == "full" and config.sparse_embedding_grad and processes.state is None and not torch.cuda.is_available():
-        efficiency.sparse_embedding_gradient(model)
     try:
         trainer = PeftgenTrainer(
             model=model,

@@ -74,8 +74,8 @@ def lean_malloc_of(run) -> bool:
 
 
 @pytest.mark.skipif(not allocator.available(), reason="glibc only")
-@pytest.mark.parametrize("flag, restarted", [([], True), (["--lean-malloc", "false"], False)])
-def test_the_peftgen_program_trains_in_a_restarted_process_unless_told_otherwise(flag, restarted, tiny_gpt2, text_files, tmp_path):
+@pytest.mark.parametrize("flag, restarted", [(["--lean-malloc", "true"], True), ([], False)])
+def test_the_peftgen_program_trains_in_a_restarted_process_when_asked(flag, restarted, tiny_gpt2, text_files, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", allocator.MARK)}
     command = [sys.executable, "-m", "peftgen", "train", "--model", str(tiny_gpt2), "--train-file", str(text_files["train"])]
     command += ["--output-dir", str(tmp_path / "run"), "--max-steps", "1", "--precision", "fp32", *flag]
@@ -92,6 +92,16 @@ def test_the_app_called_in_process_never_restarts_it(tiny_gpt2, text_files, tmp_
     monkeypatch.delenv(allocator.MARK, raising=False)
     monkeypatch.setattr(os, "execve", lambda *args: pytest.fail("restarted the test process"))
     arguments = ["train", "--model", str(tiny_gpt2), "--train-file", str(text_files["train"]), "--output-dir", str(tmp_path / "run")]
-    result = CliRunner().invoke(app, [*arguments, "--max-steps", "1", "--precision", "fp32"])
+    result = CliRunner().invoke(app, [*arguments, "--max-steps", "1", "--precision", "fp32", "--lean-malloc", "true"])
     assert result.exit_code == 0, result.output
     assert lean_malloc_of(tmp_path / "run") is False
+
+
+def test_8bit_asks_for_the_tunables_unless_told_otherwise():
+    from peftgen import config as config_lib
+
+    def leans(**settings):
+        return config_lib.resolve(None, {"train_file": "x", **settings}).leans_malloc
+
+    assert leans(mode="8bit") and not leans(mode="lora") and not leans(mode="full")
+    assert leans(mode="lora", lean_malloc=True) and not leans(mode="8bit", lean_malloc=False)

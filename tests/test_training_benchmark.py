@@ -28,3 +28,7 @@ def test_quick_benchmark_prints_a_ratio_for_each_row(tmp_path):
     assert saving > 0
     valid_loss = float(rows["full"].split()[5])
     assert 5 < valid_loss < 12  # a real loss per token of a near-random model over a 50k vocabulary
+    rates = re.search(r"this machine's products \([\d x]+\): bf16 ([\d.]+) TFLOP/s, fp32 ([\d.]+)", done.stdout)
+    assert rates and float(rates.group(1)) > 0 and float(rates.group(2)) > 0, done.stdout
+    bound = re.search(r"full runs at (\d+)% of the bf16 products' bound; 3x the recipe would be (\d+)% of it", done.stdout)
+    assert bound and int(bound.group(1)) > 0 and int(bound.group(2)) > 0, done.stdout

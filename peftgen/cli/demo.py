@@ -26,11 +26,6 @@ def demo(
     max_steps: Annotated[Optional[int], typer.Option(help="Stop training after this many updates (a quick look).")] = None,
 ) -> None:
     """Fine-tune a real pretrained model on book summaries and compare perplexity before and after."""
-    from peftgen import allocator
-    from peftgen.cli import is_program
-
-    if is_program():
-        allocator.restart()  # configs/demo.yaml keeps lean_malloc on; before torch starts
     spare_idle_threads()
     from peftgen import demo as demo_lib
 

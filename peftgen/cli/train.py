@@ -66,7 +66,7 @@ def train(config: Optional[Path] = None, resume: bool = False, overwrite: bool =
     settings = config_lib.resolve(config, flags)
     from peftgen.cli import is_program
 
-    if settings.lean_malloc and is_program():
+    if settings.leans_malloc and is_program():
         allocator.restart()  # before torch starts; the new process resolves the same settings and goes on
 
     from peftgen import training

@@ -8,12 +8,12 @@ count as in use: when the tensor is freed its block cannot merge with its
 neighbour, and on its own it is a few bytes short of the next request of
 the same size. So the next step's tensors of the same sizes do not fit
 where the last step's were; the heap grows instead, and every fresh block
-costs the kernel's page faults. In a 3-step 8-bit run of SmolLM2-135M's
-shape at 2 x 512 tokens the process peaked at 1.24 GB that way, against
-1.00 GB with the cache and fast bins off (benchmarks/README.md has the
-rows). Without the cache every small allocation takes glibc's slower path,
-which LoRA and full fine-tuning, with many small operations, felt more than
-the faults saved: on for ``8bit`` only, unless set.
+costs the kernel's page faults. Training SmolLM2-135M's shape in 8-bit at
+2 x 512 tokens peaked at 1.34 GB that way, against 1.07 GB with the cache
+and fast bins off (benchmarks/README.md has the rows). Without the cache
+every small allocation takes glibc's slower path, which LoRA, with many
+small operations, felt more than the faults saved (GPT-2 small: 440
+against 462 tokens/s): on for ``8bit`` only, unless set.
 
 Neither can be switched off from a running process (``mallopt`` has no
 tcache setting), only by ``GLIBC_TUNABLES`` at its start. So the ``peftgen``

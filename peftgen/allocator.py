@@ -19,7 +19,7 @@ Neither can be switched off from a running process (``mallopt`` has no
 tcache setting), only by ``GLIBC_TUNABLES`` at its start. So the ``peftgen``
 program, asked to train with them, starts itself once more with them set
 (``restart``), before torch is imported; a training run records whether it
-had them (``lean_malloc`` in run.json). Code that calls ``peftgen.train``
+had them (``malloc_tunables`` in run.json). Code that calls ``peftgen.train``
 from its own Python process can set the same variable before starting it:
 ``environment()`` gives it. Elsewhere than Linux with glibc nothing changes.
 """

@@ -274,7 +274,7 @@ def train(
         "trainable_params": trainable,
         "total_params": total,
         "versions": _versions(),
-        "lean_malloc": allocator.active(),
+        "malloc_tunables": allocator.active(),  # lean_malloc took effect
     }
     packing, per_example, loss = speed_settings(config, model, tokenizer, precision)
     try:

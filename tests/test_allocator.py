@@ -9,14 +9,14 @@ import pytest
 
 from peftgen import allocator
 
-# Allocate, fill and free a tensor of one size six times; print the page faults each time took.
+# Allocate, fill and free a tensor of one size eight times; print the page faults each time took.
 SAME_SIZE_AGAIN = """
 import ctypes, resource
 import torch
 libc = ctypes.CDLL(None)
 libc.mallopt(-3, 1 << 30); libc.mallopt(-1, 1 << 30)  # blocks from the heap, kept there when freed
 faults = []
-for step in range(6):
+for step in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     block = torch.empty(16 << 20, dtype=torch.uint8)
     block.fill_(1)
@@ -36,7 +36,8 @@ def faults_per_allocation(env):
 def test_with_the_tunables_a_freed_tensor_block_is_reused_by_the_next_tensor_of_its_size():
     as_it_comes = faults_per_allocation({k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", allocator.MARK)})
     lean = faults_per_allocation(allocator.environment())
-    assert all(f > PAGES // 2 for f in as_it_comes[1:])  # each one a new stretch of heap, faulted in page by page
+    # mostly a new stretch of heap each time, faulted in page by page (now and then a freed block happens to fit)
+    assert sum(f > PAGES // 2 for f in as_it_comes[1:]) >= 5
     assert all(f < PAGES // 20 for f in lean[1:])  # the first block's pages, reused
 
 
@@ -70,7 +71,7 @@ def test_restart_does_nothing_where_it_cannot_help(why, monkeypatch):
 
 
 def lean_malloc_of(run) -> bool:
-    return json.loads((run / "run.json").read_text())["lean_malloc"]
+    return json.loads((run / "run.json").read_text())["malloc_tunables"]
 
 
 @pytest.mark.skipif(not allocator.available(), reason="glibc only")

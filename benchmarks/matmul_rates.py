@@ -22,17 +22,18 @@ def product_rate(dtype_name: str, device: str = "cpu", shape: tuple[int, int, in
     m, k, n = shape
     a = torch.randn(m, k, dtype=dtype, device=device)
     b = torch.randn(k, n, dtype=dtype, device=device)
+    per_timing = 10 if device == "cuda" else 1  # a GPU product is too short to time alone
     times = []
     for i in range(repeats + 2):
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        for _ in range(10 if device == "cuda" else 1):
+        for _ in range(per_timing):
             a @ b
         if device == "cuda":
             torch.cuda.synchronize()
         if i >= 2:  # the first two warm the library's kernels and caches
-            times.append((time.perf_counter() - start) / (10 if device == "cuda" else 1))
+            times.append((time.perf_counter() - start) / per_timing)
     return 2 * m * k * n / statistics.median(times) / 1e12
 
 

@@ -398,9 +398,11 @@ def run_row(name: str, row: str, overrides: dict, model_dir: Path, files: dict, 
         json.dumps(overrides),
     ] + (["--memory"] if memory else [])
     from peftgen import allocator
+    from peftgen import config as config_lib
 
     # A peftgen row's process starts as the peftgen program starts its training process (peftgen.allocator).
-    lean_malloc = row not in ("recipe", "trainer-bf16") and overrides.get("lean_malloc", row == "8bit")
+    peftgen_row = row not in ("recipe", "trainer-bf16")
+    lean_malloc = peftgen_row and config_lib.resolve(None, {"mode": row, "train_file": "-", **overrides}).leans_malloc
     done = subprocess.run(command, capture_output=True, text=True, env=allocator.environment() if lean_malloc else None)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:

@@ -27,6 +27,11 @@ print(faults)
 PAGES = (16 << 20) // 4096
 
 
+def without_the_tunables() -> dict[str, str]:
+    """This process's environment as a user's shell would give it, before peftgen sets anything."""
+    return {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", allocator.MARK)}
+
+
 def faults_per_allocation(env):
     done = subprocess.run([sys.executable, "-c", SAME_SIZE_AGAIN], env=env, capture_output=True, text=True, timeout=120, check=True)
     return json.loads(done.stdout)
@@ -34,7 +39,7 @@ def faults_per_allocation(env):
 
 @pytest.mark.skipif(not allocator.available(), reason="glibc only")
 def test_with_the_tunables_a_freed_tensor_block_is_reused_by_the_next_tensor_of_its_size():
-    as_it_comes = faults_per_allocation({k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", allocator.MARK)})
+    as_it_comes = faults_per_allocation(without_the_tunables())
     lean = faults_per_allocation(allocator.environment())
     # mostly a new stretch of heap each time, faulted in page by page (now and then a freed block happens to fit)
     assert sum(f > PAGES // 2 for f in as_it_comes[1:]) >= 5
@@ -77,10 +82,9 @@ def lean_malloc_of(run) -> bool:
 @pytest.mark.skipif(not allocator.available(), reason="glibc only")
 @pytest.mark.parametrize("flag, restarted", [(["--lean-malloc", "true"], True), ([], False)])
 def test_the_peftgen_program_trains_in_a_restarted_process_when_asked(flag, restarted, tiny_gpt2, text_files, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", allocator.MARK)}
     command = [sys.executable, "-m", "peftgen", "train", "--model", str(tiny_gpt2), "--train-file", str(text_files["train"])]
     command += ["--output-dir", str(tmp_path / "run"), "--max-steps", "1", "--precision", "fp32", *flag]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=without_the_tunables(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert lean_malloc_of(tmp_path / "run") is restarted
 

@@ -77,6 +77,8 @@ ROWS = ["recipe", "trainer-bf16", "full", "lora", "8bit"]
 ABLATIONS = {
     "full, padded batches": ("full", {"packing": False}),
     "full, one masked attention per row": ("full", {"attention_per_example": False}),
+    "full, PyTorch's flash attention": ("full", {"block_attention": False}),
+    "full, attention probs recomputed": ("full", {"keep_attention_probs": False}),
     "full, transformers' loss": ("full", {"fused_loss": False}),
     "full, freed memory unmapped": ("full", {"reuse_memory": False}),
     "full, autocast's weight copies": ("full", {"recast_weights": False}),
@@ -97,6 +99,8 @@ ABLATIONS = {
     "lora, lora_dropout 0.05": ("lora", {"lora_dropout": 0.05}),
     "lora, torch's dropout": ("lora", {"fast_dropout": False}),
     "lora, PEFT's LoRA forward": ("lora", {"fused_lora": False}),
+    "lora, PyTorch's flash attention": ("lora", {"block_attention": False}),
+    "lora, attention probs kept": ("lora", {"keep_attention_probs": True}),
     "lora, malloc's tcache and fast bins off": ("lora", {"lean_malloc": True}),
     "8bit, glibc's malloc as it comes": ("8bit", {"lean_malloc": False}),
 }
@@ -341,7 +345,7 @@ def profile_step(model_dir: Path, files: dict, repeats: int = 3) -> None:
         if after:
             efficiency.set_attention_dropout(model, 0.0)
             efficiency.fuse_activations(model)
-            attention.use_per_example_attention(model)
+            attention.use_per_example_attention(model, blocks=True)
         batch = batching.collator(after, tokenizer.pad_token_id, per_example=after)([{"input_ids": ids} for ids in examples])
         labels = batch.pop("labels")
         body = model.get_decoder()

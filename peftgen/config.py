@@ -126,6 +126,15 @@ class TrainConfig:
     )
     packing: bool = speed_setting(True, "Padding-free batches: examples end to end in one row, attention kept within each.")
     attention_per_example: bool = speed_setting(True, "Packed batches: causal attention per example, not one masked (N, N) matrix.")
+    block_attention: bool = speed_setting(
+        True, "CPU, attention per example: causal attention by batched products in blocks of 128 queries, not PyTorch's flash kernel."
+    )
+    keep_attention_probs: Optional[bool] = speed_setting(
+        None,
+        "block_attention: the backward pass reuses the forward pass's attention probabilities instead of recomputing them "
+        "(about 4 MB per example and layer of GPT-2 small at 512 tokens).",
+        shown="on for full, off for lora/8bit",
+    )
     fused_loss: Optional[bool] = speed_setting(None, "Output layer and cross-entropy in chunks, without the full logits.", shown="on")
     optim: str = speed_setting("adamw_torch_fused", "Optimizer: any name transformers' TrainingArguments takes.")
     attention_dropout: Optional[float] = speed_setting(
@@ -191,6 +200,12 @@ class TrainConfig:
         """Whether glibc keeps large freed blocks during training (efficiency.reusing_freed_memory): in full
         mode, where it made the epoch faster; not in lora/8bit, where memory is the point and it raised the peak."""
         return self.reuse_memory if self.reuse_memory is not None else self.mode == "full"
+
+    @property
+    def keeps_attention_probs(self) -> bool:
+        """Whether block attention keeps its probabilities for the backward pass (peftgen.causal_attention): in full
+        mode, where it was faster; lora and 8bit, where memory is the point, recompute them as the flash kernel does."""
+        return self.keep_attention_probs if self.keep_attention_probs is not None else self.mode == "full"
 
     @property
     def leans_malloc(self) -> bool:

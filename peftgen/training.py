@@ -167,7 +167,9 @@ class PeftgenTrainer(Trainer):
 def speed_settings(config: config_lib.TrainConfig, model, tokenizer, precision: str) -> tuple[bool, bool, FusedHeadLoss | None]:
     """Whether batches are packed, whether their attention runs per example, and the fused loss if any:
     what was asked, where this model allows it."""
-    per_example = config.packing and config.attention_per_example and attention.use_per_example_attention(model)
+    per_example = (
+        config.packing and config.attention_per_example and attention.use_per_example_attention(model, config.block_attention, config.keeps_attention_probs)
+    )
     packing = config.packing and batching.packing_works(model, len(tokenizer), tokenizer.pad_token_id, precision, per_example)
     if config.packing and not packing:
         runs.note(f"{type(model).__name__} does not keep packed examples apart: batches are padded instead.")

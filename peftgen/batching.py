@@ -69,8 +69,12 @@ def packing_works(model, vocab: int, pad_token_id: int, precision: str = "fp32",
     """Whether two short examples packed in one row give the logits they give padded in two rows.
 
     A model that ignores packed positions lets the second example attend to
-    the first: its logits then move by a good fraction of their size, far
-    beyond the rounding of bf16 that the tolerance allows for.
+    the first: its logits then move by a good fraction of their size (38% of
+    their norm for SmolLM2-135M-Instruct), far beyond the rounding of bf16 that
+    the tolerance allows for. Packed and padded rows may go to different
+    attention kernels (block attention, SDPA), each rounding in its own way:
+    under bf16 autocast each moved that model's logits by 2-3% of their norm
+    from fp32's.
     """
     from peftgen.precision import autocast
 
@@ -86,8 +90,8 @@ def packing_works(model, vocab: int, pad_token_id: int, precision: str = "fp32",
             packed_logits = model(**inputs).logits[0]
             padded_logits = model(input_ids=padded["input_ids"].to(device), attention_mask=padded["attention_mask"].to(device)).logits
         expected = padded_logits[padded["attention_mask"].bool().to(device)].float()  # (8, V)
-        error = (packed_logits.float() - expected).abs().max()
-        tolerance = (2e-2 if precision != "fp32" else 1e-4) * expected.abs().max() + 1e-5
+        error = (packed_logits.float() - expected).norm()
+        tolerance = (1e-1 if precision != "fp32" else 1e-4) * expected.norm() + 1e-5
         return bool(error <= tolerance)
     except (TypeError, ValueError, RuntimeError):
         return False

@@ -9,7 +9,7 @@ and softmax kernels, a block of 128 queries at a time against the keys up
 to the block's end, so that the products above the diagonal, which causal
 attention never needs, are skipped but for the block's own triangle:
 
-    scores = (q_block * scaling) @ k[:end]^T      (masked above the diagonal)
+    scores = (q_block * scaling) @ k[:end]^T      (fp32, masked above the diagonal)
     probs  = softmax(scores)
     out    = probs @ v[:end]
 
@@ -22,10 +22,14 @@ same way, bit for bit:
     dscores   = softmax's backward (probs * (dprobs - rowsum(dprobs * probs)))
     dq_block  = dscores @ k[:end] * scaling,  dk[:end] += dscores^T @ (q_block * scaling)
 
-The scores and probabilities are rounded to the inputs' dtype between the
-products, as in transformers' eager attention and PyTorch's unfused one
-(the flash kernel keeps its scores in fp32 registers); the gradients of the
-keys and values add up over the blocks in fp32. Grouped-query attention
+The scores are fp32 products of the queries and keys in fp32, as the flash
+kernel keeps them: real models' attention logits are large enough that bf16
+scores (as transformers' eager attention computes them) left
+SmolLM2-135M-Instruct's output logits 1.8 away from the flash kernel's (the
+largest being 27), fp32 scores 0.8, about what bf16 autocast itself moves
+them from fp32. The probabilities are rounded to the inputs' dtype for the
+products with the values, as the flash kernel rounds them; the gradients of
+the keys and values add up over the blocks in fp32. Grouped-query attention
 (SmolLM2, Llama) runs each key/value head against all its query heads in one
 product, without repeating the keys. tests/test_causal_attention.py checks
 outputs and gradients against PyTorch's attention; benchmarks/README.md
@@ -39,16 +43,24 @@ import torch
 BLOCK = 128  # queries per product: 64 and 256 measured slower at GPT-2's lengths (128-512 tokens)
 
 
-def _block_probs(query, key, start, end):
-    """Softmax probabilities (KV, G * b, end) of the queries start:end against the keys up to end, causal."""
-    heads, groups, _, dim = query.shape
+def _prefix(tensor, end):
+    """tensor[:, :end] as a whole (contiguous) matrix per head, which bmm needs to run without copying it again."""
+    return tensor if end == tensor.shape[1] else tensor[:, :end].contiguous()
+
+
+def _block_probs(query32, key32, start, end, dtype):
+    """Softmax probabilities (KV, G * b, end) in ``dtype`` of the queries start:end against the keys up to end, causal.
+
+    The scores are fp32 products of fp32 queries and keys: real models' attention
+    logits reach the hundreds, where bf16 scores would be off by whole units.
+    """
+    heads, groups, _, dim = query32.shape
     width = end - start
-    keys = key if end == key.shape[1] else key[:, :end].contiguous()
-    block = query[:, :, start:end].reshape(heads, groups * width, dim)  # a copy: bmm wants whole matrices
-    scores = torch.bmm(block, keys.transpose(1, 2)).view(heads, groups, width, end)
-    above = torch.ones(width, width, dtype=torch.bool, device=query.device).triu_(1)
+    block = query32[:, :, start:end].reshape(heads, groups * width, dim)
+    scores = torch.bmm(block, _prefix(key32, end).transpose(1, 2)).view(heads, groups, width, end)
+    above = torch.ones(width, width, dtype=torch.bool, device=query32.device).triu_(1)
     scores[..., start:end].masked_fill_(above, float("-inf"))
-    return torch.softmax(scores.view(heads, groups * width, end), dim=-1), keys
+    return torch.softmax(scores.view(heads, groups * width, end), dim=-1).to(dtype)
 
 
 class BlockCausalAttention(torch.autograd.Function):
@@ -58,14 +70,14 @@ class BlockCausalAttention(torch.autograd.Function):
     def forward(ctx, query, key, value, scaling: float, keep_probs: bool):
         with torch.autocast(device_type=query.device.type, enabled=False):
             heads, groups, length, dim = query.shape
-            query = (query.float() * scaling).to(query.dtype) if scaling != 1 else query.contiguous()
-            key, value = key.contiguous(), value.contiguous()
+            dtype = query.dtype
+            query32, key32 = query.float() * scaling, key.float().contiguous()
+            value = value.contiguous()
             outs, kept = [], []
             for start in range(0, length, BLOCK):
                 end = min(start + BLOCK, length)
-                probs, _ = _block_probs(query, key, start, end)
-                values = value if end == length else value[:, :end].contiguous()
-                outs.append(torch.bmm(probs, values).view(heads, groups, end - start, dim))
+                probs = _block_probs(query32, key32, start, end, dtype)
+                outs.append(torch.bmm(probs, _prefix(value, end)).view(heads, groups, end - start, dim))
                 if keep_probs:
                     kept.append(probs)
             ctx.save_for_backward(query, key, value, *kept)
@@ -77,29 +89,28 @@ class BlockCausalAttention(torch.autograd.Function):
         query, key, value, *kept = ctx.saved_tensors
         with torch.autocast(device_type=query.device.type, enabled=False):
             heads, groups, length, dim = query.shape
-            dout = dout.to(query.dtype)
+            dtype, scaling = query.dtype, ctx.scaling
+            dout = dout.to(dtype)
+            scaled = (query.float() * scaling).to(dtype) if scaling != 1 else query.contiguous()
+            query32 = None if kept else query.float() * scaling
+            key32 = None if kept else key.float().contiguous()
+            key = key.contiguous()
             dqs = []
             dkey = torch.zeros(key.shape, dtype=torch.float32, device=key.device)
             dvalue = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
             for index, start in enumerate(range(0, length, BLOCK)):
                 end = min(start + BLOCK, length)
                 rows = groups * (end - start)
-                if kept:
-                    probs = kept[index]
-                    keys = key if end == length else key[:, :end].contiguous()
-                else:
-                    probs, keys = _block_probs(query, key, start, end)
-                values = value if end == length else value[:, :end].contiguous()
+                probs = kept[index] if kept else _block_probs(query32, key32, start, end, dtype)
                 grad = dout[:, :, start:end].reshape(heads, rows, dim)
                 dvalue[:, :end] += torch.bmm(probs.transpose(1, 2), grad)
-                dprobs = torch.bmm(grad, values.transpose(1, 2))
-                dscores = torch._softmax_backward_data(dprobs, probs, -1, probs.dtype)
-                dqs.append(torch.bmm(dscores, keys).view(heads, groups, end - start, dim))
-                block = query[:, :, start:end].reshape(heads, rows, dim)
-                dkey[:, :end] += torch.bmm(dscores.transpose(1, 2), block)
+                dprobs = torch.bmm(grad, _prefix(value, end).transpose(1, 2))
+                dscores = torch._softmax_backward_data(dprobs, probs, -1, dtype)
+                dqs.append(torch.bmm(dscores, _prefix(key, end)).view(heads, groups, end - start, dim))
+                dkey[:, :end] += torch.bmm(dscores.transpose(1, 2), scaled[:, :, start:end].reshape(heads, rows, dim))
             dquery = torch.cat(dqs, dim=2)
-            if ctx.scaling != 1:
-                dquery = (dquery.float() * ctx.scaling).to(query.dtype)
+            if scaling != 1:
+                dquery = (dquery.float() * scaling).to(dtype)
             return dquery, dkey.to(key.dtype), dvalue.to(value.dtype), None, None
 
 

@@ -42,6 +42,15 @@ def test_packed_loss_equals_padded_loss_per_example(fixture, per_example, reques
     assert packed["labels"][0, len(EXAMPLES[0])] == -100  # the next example's first token is not a target
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+def test_packing_check_passes_block_attention_against_padded_sdpa(fixture, precision, request):
+    """Packed rows go to block attention, padded ones to SDPA: two kernels, each rounding its own way under bf16."""
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(fixture))
+    assert attention.use_per_example_attention(model, blocks=True)
+    assert batching.packing_works(model, 50257, 0, precision, per_example=True)
+
+
 def test_packing_check_notices_a_model_that_mixes_packed_examples(tiny_gpt2, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
     assert batching.packing_works(model, 50257, 0)

@@ -15,10 +15,10 @@ function once per example (causal, no mask) on the slices the collator's
 ``cu_seq_lens_q`` name, and joins the outputs. A batch without them (a
 padded one) goes to transformers' SDPA function unchanged.
 
-With ``block_attention``, an example on a CPU is
-attended by ``peftgen.causal_attention`` instead of PyTorch's flash kernel,
-where nothing asks for what only SDPA does (dropout, soft-capping, sliding
-windows, attention sinks).
+With ``block_attention``, an example on a CPU is attended by
+``peftgen.causal_attention`` instead of PyTorch's flash kernel, where nothing
+asks for what only SDPA does (dropout, soft-capping, sliding windows,
+attention sinks).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def per_example_attention(module, query, key, value, attention_mask, dropout=0.0
 
 
 def _blocks_apply(module, query, key, dropout, kwargs) -> bool:
-    """Whether peftgen.causal_attention computes what SDPA would here (up to the rounding of its scores)."""
+    """Whether peftgen.causal_attention computes what SDPA would here (up to rounding)."""
     return (
         query.device.type == "cpu"
         and not dropout

@@ -90,10 +90,8 @@ class BlockCausalAttention(torch.autograd.Function):
             heads, groups, length, dim = query.shape
             dtype, scaling = query.dtype, ctx.scaling
             dout = dout.to(dtype)
-            scaled = (query.float() * scaling).to(dtype) if scaling != 1 else query.contiguous()
-            query32 = None if kept else query.float() * scaling
-            key32 = None if kept else key.float().contiguous()
-            key = key.contiguous()
+            query32, key32 = query.float() * scaling, key.float().contiguous()
+            scaled, key = query32.to(dtype), key.contiguous()
             dqs = []
             dkey = torch.zeros(key.shape, dtype=torch.float32, device=key.device)
             dvalue = torch.zeros(value.shape, dtype=torch.float32, device=value.device)

@@ -32,3 +32,45 @@ def test_quick_benchmark_prints_a_ratio_for_each_row(tmp_path):
     assert rates and float(rates.group(1)) > 0 and float(rates.group(2)) > 0, done.stdout
     bound = re.search(r"full runs at (\d+)% of the bf16 products' bound; 3x the recipe would be (\d+)% of it", done.stdout)
     assert bound and int(bound.group(1)) > 0 and int(bound.group(2)) > 0, done.stdout
+
+
+PAIRS = SCRIPT.parent / "step_pairs.py"
+
+
+def test_step_pairs_times_each_variant_in_turn_against_the_first(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    variants = ["--variant", "recomputed={}", "--variant", 'kept={"keep_attention_probs": true}']
+    done = subprocess.run(
+        [sys.executable, str(PAIRS), "--quick", "--mode", "lora", *variants, "--rounds", "2", "--steps", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {m.group(1): m for m in re.finditer(r"^(recomputed|kept)\s+([\d.]+)\s+([\d.]+)x\s+(\d+) (\d+)$", done.stdout, re.M)}
+    assert set(rows) == {"recomputed", "kept"}, done.stdout
+    assert rows["recomputed"].group(3) == "1.000"
+    assert all(float(row.group(2)) > 0 for row in rows.values())
+    assert re.search(r"tiny lora: one step of the epoch's largest batch \((\d+) label tokens\)", done.stdout), done.stdout
+
+
+def test_step_pairs_refuses_what_it_cannot_compare():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("step_pairs", PAIRS)
+    pairs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pairs)
+    assert pairs.parse_variant('kept={"keep_attention_probs": true}') == ("kept", {"keep_attention_probs": True})
+    for text, says in [
+        ("no-equals-sign", "NAME=JSON"),
+        ("x={not json}", "not JSON"),
+        ("x=[1, 2]", "JSON object"),
+        ('x={"reuse_memory": true}', "change the process"),
+    ]:
+        try:
+            pairs.parse_variant(text)
+        except SystemExit as error:
+            assert says in str(error), (text, error)
+        else:
+            raise AssertionError(f"{text!r} was accepted")

@@ -15,7 +15,8 @@ first variant's. The optimizer step is left out: it is the same for every
 variant of one mode.
 
 Settings that change the process rather than the model (``lean_malloc``,
-``reuse_memory``) cannot differ between variants here: compare those with
+``reuse_memory``) cannot differ between variants here, and neither is in
+effect while the steps are timed, for any variant: compare those with
 training_speed.py.
 """
 

@@ -74,3 +74,38 @@ def test_step_pairs_refuses_what_it_cannot_compare():
             assert says in str(error), (text, error)
         else:
             raise AssertionError(f"{text!r} was accepted")
+
+
+def test_every_ablation_changes_what_its_mode_runs(monkeypatch):
+    # An ablation named for a technique switched off must differ from the mode's
+    # defaults in effect, not only in spelling (reuse_memory: false where the
+    # mode's null already means off would time the default twice).
+    import dataclasses
+    import importlib.util
+
+    from peftgen import config as config_lib
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the script's sibling modules
+    spec = importlib.util.spec_from_file_location("training_speed", SCRIPT)
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    in_effect = {  # settings whose null means "the mode's default", and the property that resolves it
+        "fused_loss": "fuses_loss",
+        "reuse_memory": "reuses_memory",
+        "keep_attention_probs": "keeps_attention_probs",
+        "lean_malloc": "leans_malloc",
+        "lean_layers": "leans_layers",
+        "gradient_checkpointing": "checkpointing",
+        "checkpoint_layers": "checkpointed_share",
+        "lr": "learning_rate",
+    }
+
+    def effective(config):
+        values = dataclasses.asdict(config)
+        return {name: getattr(config, in_effect[name]) if name in in_effect else value for name, value in values.items()}
+
+    for name, (mode, overrides) in speed.ABLATIONS.items():
+        default = config_lib.resolve(None, {"model": "m", "mode": mode, "train_file": "x"})
+        ablated = config_lib.apply(default, overrides, name)
+        changed = {key for key, value in effective(ablated).items() if effective(default)[key] != value}
+        assert changed, f"{name!r} runs {mode}'s defaults"

@@ -93,7 +93,7 @@ ABLATIONS = {
     "lora, fp32 frozen embeddings": ("lora", {"frozen_embeddings_bf16": False}),
     "lora, PEFT's token rows": ("lora", {"fast_token_rows": False}),
     "lora, transformers' loss": ("lora", {"fused_loss": False}),
-    "lora, freed memory kept": ("lora", {"reuse_memory": True}),
+    "lora, freed memory unmapped": ("lora", {"reuse_memory": False}),
     "lora, a quarter of layers checkpointed": ("lora", {"gradient_checkpointing": True}),
     "lora, every layer checkpointed": ("lora", {"gradient_checkpointing": True, "checkpoint_layers": 1.0}),
     "lora, lora_dropout 0.05": ("lora", {"lora_dropout": 0.05}),

@@ -155,7 +155,7 @@ class TrainConfig:
     reuse_memory: Optional[bool] = speed_setting(
         None,
         "glibc keeps large freed blocks for the next step instead of unmapping them and faulting fresh pages in again.",
-        shown="on for full, off for lora/8bit",
+        shown="on for full/lora, off for 8bit",
     )
     lean_malloc: Optional[bool] = speed_setting(
         None,
@@ -198,8 +198,9 @@ class TrainConfig:
     @property
     def reuses_memory(self) -> bool:
         """Whether glibc keeps large freed blocks during training (efficiency.reusing_freed_memory): in full
-        mode, where it made the epoch faster; not in lora/8bit, where memory is the point and it raised the peak."""
-        return self.reuse_memory if self.reuse_memory is not None else self.mode == "full"
+        and lora mode, where it took a third of the page faults away at the same peak; not in 8bit, where it
+        raised the peak (benchmarks/README.md)."""
+        return self.reuse_memory if self.reuse_memory is not None else self.mode in ("full", "lora")
 
     @property
     def keeps_attention_probs(self) -> bool:

@@ -253,9 +253,11 @@ def test_training_reuses_freed_memory_unless_told_otherwise(tiny_gpt2, text_file
         yield
 
     monkeypatch.setattr(efficiency, "reusing_freed_memory", spy)
-    runs = [("full", {}), ("full", {"reuse_memory": False}), ("lora", {}), ("lora", {"reuse_memory": True})]
+    runs = [("full", {}), ("full", {"reuse_memory": False}), ("lora", {}), ("lora", {"reuse_memory": False})]
     for number, (mode, overrides) in enumerate(runs):
         settings = run_settings(tiny_gpt2, text_files, tmp_path / str(number), mode, max_steps=1, **overrides)
         before = len(entered)
         train_lib.train(config_lib.resolve(None, settings), overwrite=True, progress=False)
-        assert len(entered) - before == (number in (0, 3)), (mode, overrides)
+        assert len(entered) - before == (number in (0, 2)), (mode, overrides)
+    # 8-bit runs keep glibc's unmapping: there it raised the peak.
+    assert not config_lib.resolve(None, {"model": "m", "mode": "8bit", "train_file": "x"}).reuses_memory

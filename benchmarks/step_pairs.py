@@ -62,14 +62,9 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 def build(model_dir: Path, files: dict, mode: str, overrides: dict, output: Path):
     """The trainer peftgen.train builds for these settings, its loop never started."""
-    from peftgen import config as config_lib
     from peftgen import training
 
-    settings = dict(
-        model=str(model_dir), mode=mode, train_file=str(files["train"]), output_dir=str(output),
-        batch_size=2, epochs=1.0, max_length=512, save_steps=10_000, logging_steps=1,
-    )  # fmt: skip
-    config = config_lib.apply(config_lib.resolve(None, settings), overrides, "--variant").validate()
+    config = training_speed.peftgen_config(model_dir, files["train"], mode, overrides, output)
     original = training.PeftgenTrainer.train
 
     def stop(self, *args, **kwargs):
@@ -85,9 +80,14 @@ def build(model_dir: Path, files: dict, mode: str, overrides: dict, output: Path
     raise RuntimeError("peftgen.train returned without starting its trainer")
 
 
+def label_count(batch) -> int:
+    from peftgen.data import IGNORE_INDEX
+
+    return int((batch["labels"] != IGNORE_INDEX).sum())
+
+
 def largest_batch(trainer) -> dict:
-    batches = list(trainer.get_train_dataloader())
-    return max(batches, key=lambda batch: int((batch["labels"] != -100).sum()))
+    return max(trainer.get_train_dataloader(), key=label_count)
 
 
 def step_function(trainer, batch):
@@ -97,7 +97,7 @@ def step_function(trainer, batch):
     model = trainer.model
     model.train()
     batch = trainer._prepare_inputs(batch)
-    count = torch.tensor(int((batch["labels"] != -100).sum()))
+    count = torch.tensor(label_count(batch))
 
     def step() -> None:
         with trainer.accelerator.autocast():
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
             trainer = build(model_dir, files, args.mode, overrides, work / f"run-{index}")
             batch = largest_batch(trainer)
             steps[name] = step_function(trainer, batch)
-        tokens = int((batch["labels"] != -100).sum())
+        tokens = label_count(batch)
         print(f"{training_speed.machine()}")
         print(f"{shape} {args.mode}: one step of the epoch's largest batch ({tokens} label tokens), forward + loss + backward")
         print(report(time_pairs(steps, args.rounds, args.steps)))

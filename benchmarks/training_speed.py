@@ -235,30 +235,37 @@ def run_plain(model_dir: Path, files: dict, bf16: bool, memory: bool, output: Pa
     return result
 
 
-def run_peftgen(model_dir: Path, files: dict, mode: str, overrides: dict, memory: bool, output: Path, epochs: int) -> dict:
+def peftgen_config(model_dir: Path, train_file: Path, mode: str, overrides: dict, output: Path, epochs: int = 1, max_steps: int = -1):
+    """The benchmark's settings for a peftgen run (batch 2, 512 tokens, no checkpoint within the epoch), then overrides."""
     from peftgen import config as config_lib
-    from peftgen import data
-    from peftgen import model as model_lib
-    from peftgen import training as train_lib
 
     settings = dict(
         model=str(model_dir),
         mode=mode,
-        train_file=str(files["long" if memory else "train"]),
+        train_file=str(train_file),
         output_dir=str(output),
         batch_size=BATCH,
         epochs=epochs,
-        max_steps=3 if memory else -1,
+        max_steps=max_steps,
         save_steps=10_000,
         logging_steps=1,
         max_length=512,
     )
     # apply() keeps an override of None (e.g. attention_dropout: null), which resolve() reads as "not given"
-    config = config_lib.apply(config_lib.resolve(None, settings), overrides, "benchmark").validate()
+    return config_lib.apply(config_lib.resolve(None, settings), overrides, "benchmark").validate()
+
+
+def run_peftgen(model_dir: Path, files: dict, mode: str, overrides: dict, memory: bool, output: Path, epochs: int) -> dict:
+    from peftgen import data
+    from peftgen import model as model_lib
+    from peftgen import training as train_lib
+
+    train_file = files["long" if memory else "train"]
+    config = peftgen_config(model_dir, train_file, mode, overrides, output, epochs, max_steps=3 if memory else -1)
     result = train_lib.train(config, overwrite=True, progress=False)
     out = {"runtime": result.metrics["train_runtime"], "train_loss": result.metrics["train_loss"], **peaks()}
     loaded, tokenizer = model_lib.load(output)
-    out["label_tokens"] = label_tokens(data.load_examples(settings["train_file"], tokenizer, 512)) * epochs
+    out["label_tokens"] = label_tokens(data.load_examples(train_file, tokenizer, 512)) * epochs
     if not memory:
         out["valid_loss"] = validation_loss(loaded, tokenizer, files["valid"])
     return out

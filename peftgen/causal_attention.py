@@ -90,7 +90,8 @@ class BlockCausalAttention(torch.autograd.Function):
             heads, groups, length, dim = query.shape
             dtype, scaling = query.dtype, ctx.scaling
             dout = dout.to(dtype)
-            query32, key32 = query.float() * scaling, key.float().contiguous()
+            query32 = query.float() * scaling
+            key32 = None if kept else key.float().contiguous()  # only recomputed probabilities need them
             scaled, key = query32.to(dtype), key.contiguous()
             dqs = []
             dkey = torch.zeros(key.shape, dtype=torch.float32, device=key.device)

@@ -37,6 +37,17 @@ def test_quick_benchmark_prints_a_ratio_for_each_row(tmp_path):
 PAIRS = SCRIPT.parent / "step_pairs.py"
 
 
+def _script(path, monkeypatch):
+    """A benchmark script imported as a module (beside its sibling modules)."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(path.parent))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_step_pairs_times_each_variant_in_turn_against_the_first(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     variants = ["--variant", "recomputed={}", "--variant", 'kept={"keep_attention_probs": true}']
@@ -55,12 +66,8 @@ def test_step_pairs_times_each_variant_in_turn_against_the_first(tmp_path):
     assert re.search(r"tiny lora: one step of the epoch's largest batch \((\d+) label tokens\)", done.stdout), done.stdout
 
 
-def test_step_pairs_refuses_what_it_cannot_compare():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("step_pairs", PAIRS)
-    pairs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pairs)
+def test_step_pairs_refuses_what_it_cannot_compare(monkeypatch):
+    pairs = _script(PAIRS, monkeypatch)
     assert pairs.parse_variant('kept={"keep_attention_probs": true}') == ("kept", {"keep_attention_probs": True})
     for text, says in [
         ("no-equals-sign", "NAME=JSON"),
@@ -81,14 +88,10 @@ def test_every_ablation_changes_what_its_mode_runs(monkeypatch):
     # defaults in effect, not only in spelling (reuse_memory: false where the
     # mode's null already means off would time the default twice).
     import dataclasses
-    import importlib.util
 
     from peftgen import config as config_lib
 
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the script's sibling modules
-    spec = importlib.util.spec_from_file_location("training_speed", SCRIPT)
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
+    speed = _script(SCRIPT, monkeypatch)
     in_effect = {  # settings whose null means "the mode's default", and the property that resolves it
         "fused_loss": "fuses_loss",
         "reuse_memory": "reuses_memory",

@@ -87,6 +87,7 @@ ABLATIONS = {
     "full, a quarter of layers checkpointed": ("full", {"gradient_checkpointing": True, "checkpoint_layers": 0.25}),
     "full, model's attention dropout": ("full", {"attention_dropout": None}),
     "full, adamw_torch (not fused)": ("full", {"optim": "adamw_torch"}),
+    "full, dense embedding gradient": ("full", {"embedding_row_grads": False}),
     "full, gelu_new as written": ("full", {"fused_activations": False}),
     "full, torch's dropout": ("full", {"fast_dropout": False}),
     "lora, fp32 frozen weights": ("lora", {"frozen_bf16": False}),
@@ -170,12 +171,15 @@ class LoopTimer:
             def on_train_begin(self, args, state, control, **kwargs):
                 timer.synchronize()
                 timer.start = timer.end = time.perf_counter()
+                timer.ends = []
 
             def on_step_end(self, args, state, control, **kwargs):
                 timer.synchronize()  # a GPU's queued work belongs to the step
                 timer.end = time.perf_counter()
+                timer.ends.append(timer.end)
 
         self.start = self.end = 0.0
+        self.ends: list[float] = []
         init = Trainer.__init__
 
         def add_timer(trainer, *args, **kwargs):
@@ -194,6 +198,11 @@ class LoopTimer:
     @property
     def seconds(self) -> float:
         return self.end - self.start
+
+    @property
+    def steps(self) -> list[float]:
+        """Seconds of each optimizer step (forward, backward, optimizer, and the loop's own work between)."""
+        return [round(end - begin, 4) for begin, end in zip([self.start, *self.ends], self.ends)]
 
 
 def run_plain(model_dir: Path, files: dict, bf16: bool, memory: bool, output: Path, epochs: int) -> dict:
@@ -317,6 +326,7 @@ def child(args) -> None:
     finally:
         shutil.rmtree(output, ignore_errors=True)  # a row's checkpoints are 0.5-1.5 GB; only its numbers are kept
     result["loop"] = timer.seconds
+    result["step_seconds"] = timer.steps
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -452,7 +462,7 @@ def main() -> None:
     parser.add_argument("--ablation", action="append", default=[], help="also run this one ablation row (repeatable; first shape only)")
     parser.add_argument("--no-memory", action="store_true", help="skip the 512-token memory rows")
     parser.add_argument("--epochs", type=int, default=1, help="whole epochs of each speed run (default 1; a GPU needs more to time)")
-    parser.add_argument("--repeats", type=int, default=1, help="speed runs per row; the median is shown, all rates after it")
+    parser.add_argument("--repeats", type=int, default=1, help="speed runs per row, in rounds of every row; the median is shown, all rates after it")
     parser.add_argument("--quick", action="store_true", help="tiny model, 6 training pieces: a smoke test of this script")
     parser.add_argument("--work", default=None, help="folder for models, data and runs (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
@@ -504,11 +514,17 @@ def benchmark(args, parser, work: Path) -> None:
         print(f"full fine-tuning's 6 FLOPs per parameter per token ({parameters / 1e6:.0f}M parameters) at the bf16 rate: at most {bound:.0f} tokens/s")
         print(f"{'row':34} {'label tok/s':>11} {'vs recipe':>9} {'saving':>6} {'train loss':>10} {'valid loss':>10} {'peak GB':>8} {'vs full':>7}  all runs")
         table = {}
-        for name, row, overrides in rows:
-            if shape != shapes[0] and overrides:
-                continue
-            runs_ = [run_row(name, row, overrides, model_dir, files, work, False, args.epochs) for _ in range(args.repeats)]
-            speed = median_run(runs_)
+        shape_rows = [(name, row, overrides) for name, row, overrides in rows if shape == shapes[0] or not overrides]
+        # Round after round, every row once per round: the machine's drift over
+        # the run falls on all rows alike instead of on whichever ran last.
+        speeds = {name: [] for name, _, _ in shape_rows}
+        for round_ in range(args.repeats):
+            for name, row, overrides in shape_rows:
+                speeds[name].append(run_row(name, row, overrides, model_dir, files, work, False, args.epochs))
+            if round_ < args.repeats - 1:
+                print(f"round {round_ + 1} of {args.repeats}: " + ", ".join(f"{n} {'failed' if 'error' in r[-1] else round(rate_of(r[-1]))}" for n, r in speeds.items()), flush=True)
+        for name, row, overrides in shape_rows:
+            speed = median_run(speeds[name])
             memory = {} if args.no_memory else run_row(name, row, overrides, model_dir, files, work, True, args.epochs)
             entry = {"shape": shape, "row": name, "speed": speed, "memory": memory}
             table[name] = entry

@@ -151,6 +151,9 @@ class TrainConfig:
         True, "lora: each adapted layer casts its input once and adds its scaled adapter product into the base output in one addmm."
     )
     fused_activations: bool = speed_setting(True, "GPT-2's gelu_new as one kernel (gelu_pytorch_tanh): less memory, same function.")
+    embedding_row_grads: bool = speed_setting(
+        True, "full, tied embeddings: the input embedding's gradient added as its looked-up rows, not as a zeroed vocabulary-sized matrix."
+    )
     fast_token_rows: bool = speed_setting(True, "lora/8bit: new-token rows applied directly, not via a copy of the whole matrix.")
     reuse_memory: Optional[bool] = speed_setting(
         None,

@@ -23,6 +23,16 @@ Each one has a switch in TrainConfig and a row in benchmarks/README.md:
   operations in Python, each keeping its output for the backward pass (five
   (T, 4C) tensors per layer); transformers' ``gelu_pytorch_tanh`` is the same
   function as one kernel that keeps only its input. Equal up to rounding.
+- ``embedding_row_grads``: in full mode the input embedding and a tied output
+  head share one matrix. torch's embedding backward writes its gradient into
+  a zeroed vocabulary-sized matrix (GPT-2: 50260 x 768, 154 MB, zeroed and
+  then added to the head's gradient every step) though only the looked-up
+  rows (about 1,000 of 50,260) are not zero. Here the lookup hands autograd
+  its rows instead (torch's sparse embedding gradient), and autograd adds
+  them in place into the head's dense gradient: the same sum, without the
+  zeroed matrix. Only where the head's dense gradient is sure to be there
+  (tied and trained), so no parameter ever ends a step with a sparse
+  gradient the optimizer would refuse.
 - the new tokens' rows (``peftgen.token_rows``): exact.
 - ``own_weights``: transformers maps the safetensors file into memory and
   hands out tensors that point into it. After the casts and the resize above
@@ -129,6 +139,31 @@ def fuse_activations(model) -> int:
                 setattr(parent, name, GELUTanh())
                 swapped += 1
     return swapped
+
+
+def embedding_row_grads(model) -> bool:
+    """The input embedding's gradient as its looked-up rows, where a trained output head shares its matrix; True if set."""
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if not isinstance(embedding, torch.nn.Embedding) or head is None or "forward" in embedding.__dict__:
+        return False
+    weight = embedding.weight
+    if getattr(head, "weight", None) is not weight or not weight.requires_grad or embedding.max_norm is not None:
+        return False
+    # Not module.sparse = True: DistributedDataParallel reads that flag and would
+    # then expect a sparse gradient where autograd hands it the dense sum.
+    embedding.forward = functools.partial(_row_grad_lookup, embedding)
+    return True
+
+
+def gives_row_grads(embedding) -> bool:
+    """Whether embedding_row_grads set this embedding's lookup."""
+    forward = embedding.__dict__.get("forward")
+    return isinstance(forward, functools.partial) and forward.func is _row_grad_lookup
+
+
+def _row_grad_lookup(module, ids):
+    return torch.nn.functional.embedding(ids, module.weight, module.padding_idx, None, 2.0, module.scale_grad_by_freq, True)
 
 
 def _file_mappings() -> list[tuple[int, int]]:

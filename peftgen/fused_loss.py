@@ -20,6 +20,16 @@ gradient in tests/test_fused_loss.py.
 With PEFT's trainable token rows (LoRA and 8-bit runs), the head's weight is
 the frozen base matrix except rows ``index``, which come from a small
 trainable ``delta``: only ``delta`` gets a gradient, never the 50k x C base.
+
+A trained head tied to an input embedding that hands autograd its gradient
+as rows (efficiency.embedding_row_grads, full mode) gets its gradient written
+straight into ``weight.grad`` (``into_grad``). Returned through autograd, it
+would meet the embedding's rows in autograd's buffer, which cannot add into a
+tensor a Python function returned and so copies all V x C of it to add about
+a thousand rows (140 ms a step for GPT-2 small on 2 cores); the lookup's rows,
+arriving afterwards at the weight, are added in place into ``.grad``. The
+lookup's gradient always follows (it feeds every hidden state), so hooks that
+wait for the weight's gradient (DistributedDataParallel's) still see the sum.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from peftgen import efficiency
 from peftgen.data import IGNORE_INDEX
 
 CHUNK = 256  # label positions per pass of head + softmax: 256 x 50k in fp32 is 51 MB
@@ -62,7 +73,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Sum over rows of -log softmax(h W^T)[y], with its gradients made during the forward pass."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, delta, index, labels, compute_dtype, chunk):
+    def forward(ctx, hidden, weight, delta, index, labels, compute_dtype, chunk, into_grad=False):
         # hidden (N, C), weight (V, C), delta (K, C) or None, index (K,) or None, labels (N,)
         want_weight = weight.requires_grad
         want_delta = delta is not None and delta.requires_grad
@@ -126,6 +137,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             filled = end % block or min(block, end)
             grad_weight = _add_weight_grad(grad_weight, pending[:filled], hidden[end - filled : end], compute_dtype)
         ctx.grads = (grad_hidden, grad_weight, grad_delta)
+        ctx.weight = weight if into_grad and want_weight else None
         ctx.weight_dtype = weight.dtype
         ctx.delta_dtype = delta.dtype if delta is not None else None
         return total
@@ -138,9 +150,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden.mul_(scale.to(grad_hidden.dtype))
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(scale).to(ctx.weight_dtype)
+            weight, ctx.weight = ctx.weight, None
+            if weight is not None:
+                if weight.grad is None:
+                    weight.grad = grad_weight
+                else:
+                    weight.grad.add_(grad_weight)
+                grad_weight = None
         if grad_delta is not None:
             grad_delta = grad_delta.mul_(scale).to(ctx.delta_dtype)
-        return grad_hidden, grad_weight, grad_delta, None, None, None, None
+        return grad_hidden, grad_weight, grad_delta, None, None, None, None, None
 
 
 def _add_weight_grad(grad_weight, grads, hidden, compute_dtype, rows: int = 8192):
@@ -162,19 +181,22 @@ def _add_weight_grad(grad_weight, grads, hidden, compute_dtype, rows: int = 8192
     return grad_weight
 
 
-def linear_cross_entropy(hidden, weight, labels, *, delta=None, index=None, chunk: int = CHUNK, dtype=None):
+def linear_cross_entropy(hidden, weight, labels, *, delta=None, index=None, chunk: int = CHUNK, dtype=None, into_grad: bool = False):
     """Summed cross-entropy of ``hidden @ weight.T`` (rows ``index`` from ``delta``) against ``labels``.
 
     hidden: (N, C) for the N positions that have a label; labels: (N,).
     The matmuls run in ``dtype``; without one, in autocast's dtype where
     autocast is on, else in the weight's. The softmax always runs in fp32.
+    into_grad: the weight's gradient is added to ``weight.grad`` by the
+    backward pass itself rather than returned to autograd; only for a weight
+    that another path of the same graph also reaches (see the module's notes).
     """
     device = hidden.device.type
     compute_dtype = dtype or (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype)
     if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         compute_dtype = torch.float32
     with torch.autocast(device, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, delta, index, labels, compute_dtype, chunk)
+        return _LinearCrossEntropy.apply(hidden, weight, delta, index, labels, compute_dtype, chunk, into_grad)
 
 
 @dataclass
@@ -183,6 +205,7 @@ class _Head:
     weight: torch.Tensor  # (V, C)
     delta: torch.Tensor | None  # (K, C) trainable rows, or None
     index: torch.Tensor | None  # (K,) their token ids
+    into_grad: bool = False  # the weight's gradient written into .grad (tied to a lookup giving rows)
 
 
 def _find_head(model) -> _Head | None:
@@ -198,7 +221,9 @@ def _find_head(model) -> _Head | None:
     if not isinstance(layer, torch.nn.Linear) or layer.bias is not None:
         return None
     if adapter is None:
-        return _Head(head, layer.weight, None, None)
+        lookup = base.get_input_embeddings()
+        into_grad = getattr(lookup, "weight", None) is layer.weight and efficiency.gives_row_grads(lookup)
+        return _Head(head, layer.weight, None, None, into_grad)
     names = list(adapter.active_adapters)
     if len(names) != 1 or adapter.merged:
         return None
@@ -246,7 +271,8 @@ class FusedHeadLoss:
         targets = labels[..., 1:]  # position t predicts token t + 1
         keep = targets != IGNORE_INDEX  # (B, T - 1)
         rows = hidden[..., :-1, :][keep]  # (N, C)
-        total = linear_cross_entropy(rows, self.head.weight, targets[keep], delta=self.head.delta, index=self.head.index, dtype=self.dtype)
+        head = self.head
+        total = linear_cross_entropy(rows, head.weight, targets[keep], delta=head.delta, index=head.index, dtype=self.dtype, into_grad=head.into_grad)
         count = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
         return total / count
 

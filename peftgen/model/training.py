@@ -106,6 +106,8 @@ def prepare_for_training(config, precision: str = "fp32"):
         if config.checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
             efficiency.checkpoint_only(model, config.checkpointed_share)
+        if config.embedding_row_grads:
+            efficiency.embedding_row_grads(model)
         return model, tokenizer, new_ids
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training

@@ -70,6 +70,18 @@ def test_two_processes_train_once_like_one_process_with_twice_the_batch(ddp_run,
     assert first[1] - two_processes > 0.05  # it trained: the equality is not that of two untouched models
 
 
+def test_full_mode_under_torchrun_trains_like_one_process_with_twice_the_batch(no_dropout_gpt2, text_files, tmp_path):
+    # Full mode writes the tied head's gradient into .grad and adds the lookup's
+    # rows after it (efficiency.embedding_row_grads): DistributedDataParallel
+    # must average that sum, not a part of it.
+    done = torchrun(settings(no_dropout_gpt2, text_files, tmp_path / "two", mode="full", lr=1e-3), tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = train_lib.train(config_lib.resolve(None, settings(no_dropout_gpt2, text_files, tmp_path / "one", mode="full", lr=1e-3, batch_size=4)), progress=False)
+    (first, *_), two_processes = losses(tmp_path / "two")
+    assert two_processes == pytest.approx(single.metrics["eval_loss"], rel=1e-3)
+    assert first[1] - two_processes > 0.05
+
+
 def test_resume_under_torchrun_continues_with_the_same_losses(ddp_run, no_dropout_gpt2, text_files, tmp_path):
     config = settings(no_dropout_gpt2, text_files, tmp_path / "run")
     killed = torchrun(config, tmp_path, kill_after_checkpoint=2)

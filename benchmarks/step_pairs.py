@@ -15,9 +15,10 @@ first variant's. The optimizer step is left out: it is the same for every
 variant of one mode.
 
 Settings that change the process rather than the model (``lean_malloc``,
-``reuse_memory``) cannot differ between variants here, and neither is in
-effect while the steps are timed, for any variant: compare those with
-training_speed.py.
+``reuse_memory``) cannot differ between variants here: compare those with
+training_speed.py. The steps are timed with glibc keeping freed blocks
+(``reuse_memory``) where the mode's training does so by default (full,
+lora), for every variant alike; ``lean_malloc`` is never in effect.
 """
 
 from __future__ import annotations
@@ -108,8 +109,18 @@ def step_function(trainer, batch):
     return step
 
 
-def time_pairs(steps: dict, rounds: int, per_round: int) -> dict[str, list[float]]:
+def time_pairs(steps: dict, rounds: int, per_round: int, reuse_memory: bool = False) -> dict[str, list[float]]:
+    import contextlib
+
+    from peftgen import efficiency
+
     seconds = {name: [] for name in steps}
+    with efficiency.reusing_freed_memory() if reuse_memory else contextlib.nullcontext():
+        _time_rounds(steps, rounds, per_round, seconds)
+    return seconds
+
+
+def _time_rounds(steps: dict, rounds: int, per_round: int, seconds: dict[str, list[float]]) -> None:
     for _ in range(rounds):
         for name, step in steps.items():
             step()  # warm: the first step after another variant's pays for its memory
@@ -117,7 +128,6 @@ def time_pairs(steps: dict, rounds: int, per_round: int) -> dict[str, list[float
             for _ in range(per_round):
                 step()
             seconds[name].append((time.perf_counter() - start) / per_round)
-    return seconds
 
 
 def report(seconds: dict[str, list[float]]) -> str:
@@ -156,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         tokens = label_count(batch)
         print(f"{training_speed.machine()}")
         print(f"{shape} {args.mode}: one step of the epoch's largest batch ({tokens} label tokens), forward + loss + backward")
-        print(report(time_pairs(steps, args.rounds, args.steps)))
+        print(report(time_pairs(steps, args.rounds, args.steps, reuse_memory=args.mode in ("full", "lora"))))
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 import pytest
 import torch
+from tiny_runs import run_settings
 
 from peftgen import config as config_lib
 from peftgen import efficiency
 from peftgen import model as model_lib
+from peftgen import training
 from peftgen.fused_loss import FusedHeadLoss
 
 IDS = torch.tensor([[50257, 464, 1468, 50258, 50259], [50257, 318, 257, 1332, 50258]])
@@ -61,3 +63,17 @@ def test_untied_or_frozen_embeddings_keep_the_dense_lookup(tiny_gpt2, tiny_llama
     assert not efficiency.embedding_row_grads(frozen)
     lora = model_lib.prepare_for_training(config_lib.resolve(None, {"model": str(tiny_gpt2), "mode": "lora", "train_file": "x"}))[0]
     assert not any(efficiency.gives_row_grads(m) for m in lora.modules() if isinstance(m, torch.nn.Embedding))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"gradient_checkpointing": True, "grad_accum": 2}, {"fused_loss": False}],
+    ids=["defaults", "checkpointing and accumulation", "transformers' loss"],
+)
+def test_a_full_run_with_row_gradients_learns_what_the_dense_lookup_learns(tiny_gpt2, text_files, tmp_path, extra):
+    # Through Trainer: fused AdamW (which refuses sparse gradients), clipping, accumulation; same seed, same dropout masks.
+    losses = []
+    for rows in (True, False):
+        settings = run_settings(tiny_gpt2, text_files, tmp_path / str(rows), mode="full", lr=1e-3, embedding_row_grads=rows, **extra)
+        losses.append(training.train(config_lib.resolve(None, settings), progress=False).metrics["eval_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)

@@ -28,11 +28,12 @@ Each one has a switch in TrainConfig and a row in benchmarks/README.md:
   a zeroed vocabulary-sized matrix (GPT-2: 50260 x 768, 154 MB, zeroed and
   then added to the head's gradient every step) though only the looked-up
   rows (about 1,000 of 50,260) are not zero. Here the lookup hands autograd
-  its rows instead (torch's sparse embedding gradient), and autograd adds
-  them in place into the head's dense gradient: the same sum, without the
-  zeroed matrix. Only where the head's dense gradient is sure to be there
-  (tied and trained), so no parameter ever ends a step with a sparse
-  gradient the optimizer would refuse.
+  its rows instead (torch's sparse embedding gradient); the fused loss writes
+  the head's dense gradient straight into ``.grad`` (``peftgen.fused_loss``,
+  ``into_grad``) and autograd adds the rows into it in place: the same sum,
+  without the zeroed matrix or a third one for the sum. Only where the head's
+  dense gradient is sure to be there (tied and trained), so no parameter
+  ever ends a step with a sparse gradient the optimizer would refuse.
 - the new tokens' rows (``peftgen.token_rows``): exact.
 - ``own_weights``: transformers maps the safetensors file into memory and
   hands out tensors that point into it. After the casts and the resize above

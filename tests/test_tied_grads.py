@@ -5,9 +5,8 @@ import torch
 from tiny_runs import run_settings
 
 from peftgen import config as config_lib
-from peftgen import efficiency
+from peftgen import efficiency, training
 from peftgen import model as model_lib
-from peftgen import training
 from peftgen.fused_loss import FusedHeadLoss
 
 IDS = torch.tensor([[50257, 464, 1468, 50258, 50259], [50257, 318, 257, 1332, 50258]])

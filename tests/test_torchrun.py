@@ -76,7 +76,8 @@ def test_full_mode_under_torchrun_trains_like_one_process_with_twice_the_batch(n
     # must average that sum, not a part of it.
     done = torchrun(settings(no_dropout_gpt2, text_files, tmp_path / "two", mode="full", lr=1e-3), tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    single = train_lib.train(config_lib.resolve(None, settings(no_dropout_gpt2, text_files, tmp_path / "one", mode="full", lr=1e-3, batch_size=4)), progress=False)
+    one = settings(no_dropout_gpt2, text_files, tmp_path / "one", mode="full", lr=1e-3, batch_size=4)
+    single = train_lib.train(config_lib.resolve(None, one), progress=False)
     (first, *_), two_processes = losses(tmp_path / "two")
     assert two_processes == pytest.approx(single.metrics["eval_loss"], rel=1e-3)
     assert first[1] - two_processes > 0.05

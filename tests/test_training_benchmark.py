@@ -1,5 +1,6 @@
 """benchmarks/training_speed.py keeps working: its quick mode runs the recipe and a peftgen row and prints the table."""
 
+import json
 import os
 import re
 import subprocess
@@ -11,8 +12,9 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "training_speed
 
 def test_quick_benchmark_prints_a_ratio_for_each_row(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    results = tmp_path / "results.json"
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--rows", "recipe,full", "--no-memory", "--work", str(tmp_path)],
+        [sys.executable, str(SCRIPT), "--quick", "--rows", "recipe,full", "--no-memory", "--repeats", "2", "--json", str(results), "--work", str(tmp_path)],
         capture_output=True,
         text=True,
         env=env,
@@ -32,6 +34,14 @@ def test_quick_benchmark_prints_a_ratio_for_each_row(tmp_path):
     assert rates and float(rates.group(1)) > 0 and float(rates.group(2)) > 0, done.stdout
     bound = re.search(r"full runs at (\d+)% of the bf16 products' bound; 3x the recipe would be (\d+)% of it", done.stdout)
     assert bound and int(bound.group(1)) > 0 and int(bound.group(2)) > 0, done.stdout
+    # --repeats runs in rounds of every row, each round's rates printed, every run's rate in the last column
+    assert [line.split(":")[0] for line in done.stdout.splitlines() if line.startswith("round ")] == ["round 1 of 2", "round 2 of 2"]
+    assert all(re.search(r"recipe \d+, full \d+$", line) for line in done.stdout.splitlines() if line.startswith("round "))
+    assert re.search(r"\d+/\d+$", rows["full"]), rows["full"]
+    for entry in json.loads(results.read_text())["results"]:  # each step's seconds, within the timed loop
+        speed = entry["speed"]
+        assert len(speed["step_seconds"]) >= 1 and all(s > 0 for s in speed["step_seconds"])
+        assert sum(speed["step_seconds"]) <= speed["loop"] + 1e-6
 
 
 PAIRS = SCRIPT.parent / "step_pairs.py"

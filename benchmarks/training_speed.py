@@ -25,6 +25,10 @@ Every row runs in a fresh process, so its peak memory is its own:
   process (ru_maxrss), which includes about 0.4 GB of imported libraries.
   On a GPU: the peak of torch.cuda.max_memory_allocated instead.
 
+``--repeats N`` runs every row N times, in rounds of every row in turn, so
+that the machine's drift over the run falls on all rows alike; each round's
+rates are printed, the median run is shown, and every run's rate after it.
+
 On a GPU a 12-step epoch is over in a second or two, mostly start-up, so
 pass e.g. ``--epochs 10`` there; every row runs the same epochs.
 

@@ -177,7 +177,10 @@ def _add_weight_grad(grad_weight, grads, hidden, compute_dtype, rows: int = 8192
         if first:
             grad_weight[v : v + rows].copy_(part)
         else:
-            grad_weight[v : v + rows].add_(part)
+            # Cast first: an fp32 += bf16 add_ takes torch's mixed-dtype path,
+            # 6.0 ms for (8192, 768) on 2 cores against 1.1 + 0.7 ms for the
+            # cast and an fp32 add; the sum is the same bit for bit.
+            grad_weight[v : v + rows].add_(part.float())
     return grad_weight
 
 

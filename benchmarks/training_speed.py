@@ -526,8 +526,8 @@ def benchmark(args, parser, work: Path) -> None:
             for name, row, overrides in shape_rows:
                 speeds[name].append(run_row(name, row, overrides, model_dir, files, work, False, args.epochs))
             if args.repeats > 1:
-                rates = ", ".join(f"{n} {'failed' if 'error' in r[-1] else round(rate_of(r[-1]))}" for n, r in speeds.items())
-                print(f"round {round_ + 1} of {args.repeats}: {rates}", flush=True)
+                so_far = ", ".join(f"{n} {'failed' if 'error' in r[-1] else round(rate_of(r[-1]))}" for n, r in speeds.items())
+                print(f"round {round_ + 1} of {args.repeats}: {so_far}", flush=True)
         for name, row, overrides in shape_rows:
             speed = median_run(speeds[name])
             memory = {} if args.no_memory else run_row(name, row, overrides, model_dir, files, work, True, args.epochs)

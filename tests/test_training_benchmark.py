@@ -38,7 +38,11 @@ def test_quick_benchmark_prints_a_ratio_for_each_row(tmp_path):
     assert [line.split(":")[0] for line in done.stdout.splitlines() if line.startswith("round ")] == ["round 1 of 2", "round 2 of 2"]
     assert all(re.search(r"recipe \d+, full \d+$", line) for line in done.stdout.splitlines() if line.startswith("round "))
     assert re.search(r"\d+/\d+$", rows["full"]), rows["full"]
-    for entry in json.loads(results.read_text())["results"]:  # each step's seconds (to 0.1 ms), which make up the timed loop
+    recorded = json.loads(results.read_text())
+    # the products' rates measured at the start, not overwritten by the rounds' report (a second shape reads them)
+    assert set(recorded["products_tflops"]) == {"bfloat16", "float32"}
+    assert abs(recorded["products_tflops"]["bfloat16"] - float(rates.group(1))) < 0.01
+    for entry in recorded["results"]:  # each step's seconds (to 0.1 ms), which make up the timed loop
         steps = entry["speed"]["step_seconds"]
         assert len(steps) >= 1 and all(s > 0 for s in steps)
         assert abs(sum(steps) - entry["speed"]["loop"]) <= 1e-4 * len(steps)

@@ -12,7 +12,14 @@ keeps more for its backward pass than it needs:
   then shares.
 - the gated MLP ``down(act(gate(x)) * up(x))`` keeps ``gate(x)``,
   ``act(gate(x))``, ``up(x)`` and the product. Here the activation is
-  recomputed from ``gate(x)`` in the backward pass (one elementwise kernel).
+  recomputed from ``gate(x)`` in the backward pass (one elementwise kernel),
+  and so is the product, the down projection's input, which the projection
+  keeps for its weight's gradient (a trained weight or a LoRA adapter's):
+  ``gate(x)`` and ``up(x)`` are kept anyway, and the product is as large as
+  either (SmolLM2-135M's shape: 94 MB of a step of 1,024 tokens). It is
+  recomputed once per layer, bit for bit, when the projection's backward
+  first asks for it. Where other saved-tensor hooks are in effect
+  (gradient checkpointing without reentry, offloading), they keep theirs.
 
 For SmolLM2-135M's shape that is about a third of the activations of a step;
 benchmarks/README.md has the numbers. The forward pass is bit for bit what
@@ -87,7 +94,41 @@ class _SiLUProduct(torch.autograd.Function):
 
 
 def _mlp_forward(self, x):
-    return self.down_proj(_SiLUProduct.apply(self.gate_proj(x), self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    product = _SiLUProduct.apply(gate, up)
+    if not torch.is_grad_enabled() or _other_saved_tensor_hooks():
+        return self.down_proj(product)
+    with torch.autograd.graph.saved_tensors_hooks(*_recomputed_from(product, gate, up)):
+        return self.down_proj(product)
+
+
+def _other_saved_tensor_hooks() -> bool:
+    """Whether saved-tensor hooks are in effect (which ours would override inside the down projection)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(True) is not None
+
+
+def _recomputed_from(product, gate, up):
+    """Saved-tensor hooks that keep views of ``product`` as a recipe (silu(gate) * up) instead of its memory."""
+    # Only numbers, no reference: holding the product here would keep it alive.
+    address, dtype = product.untyped_storage().data_ptr(), product.dtype
+    made: list[torch.Tensor] = []  # the recomputed product, shared by every view the backward pass unpacks
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() != address or tensor.dtype != dtype:
+            return tensor
+        return (gate, up, tensor.shape, tensor.stride(), tensor.storage_offset())
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        gate, up, shape, stride, offset = packed
+        if not made:
+            with torch.no_grad():
+                made.append(torch.nn.functional.silu(gate) * up)
+        return made[0].as_strided(shape, stride, offset)
+
+    return pack, unpack
 
 
 def _is_silu(module) -> bool:

@@ -107,3 +107,33 @@ def test_training_switches_them_on_unless_told_otherwise(mode, tiny_llama, text_
 
     assert norm_is_lean()
     assert not norm_is_lean(lean_layers=False)
+
+
+def test_the_down_projection_input_is_recomputed_bit_for_bit(tiny_llama):
+    ids = torch.randint(0, 50257, (2, 48), generator=torch.Generator().manual_seed(2))
+    recomputed = bf16_step(_llama(tiny_llama, lean=True), ids)
+    # Other saved-tensor hooks in effect (here a pair that changes nothing) leave the product kept as it is.
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        kept = bf16_step(_llama(tiny_llama, lean=True), ids)
+    assert torch.equal(recomputed[0], kept[0])
+    for name, grad in kept[1].items():
+        assert torch.equal(recomputed[1][name], grad), name
+
+
+@pytest.mark.parametrize("other_hooks", [False, True])
+def test_the_gated_product_is_not_kept_for_the_down_projection(tiny_llama, other_hooks):
+    import contextlib
+    import weakref
+
+    model = _llama(tiny_llama, lean=True)
+    mlp = model.model.layers[0].mlp
+    products = []
+    mlp.down_proj.register_forward_pre_hook(lambda module, args: products.append(weakref.ref(args[0])))
+    x = torch.randn(1, 20, model.config.hidden_size, requires_grad=True)
+    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if other_hooks else contextlib.nullcontext()
+    with hooks, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mlp(x)
+    # Kept by the down projection for its weight's gradient unless recomputed; recomputed only without other hooks.
+    assert (products[0]() is not None) == other_hooks
+    out.float().sum().backward()
+    assert x.grad is not None and mlp.down_proj.weight.grad is not None

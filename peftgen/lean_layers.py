@@ -35,6 +35,7 @@ checkpoint machinery at every layer; these two patterns are short.
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -96,9 +97,8 @@ class _SiLUProduct(torch.autograd.Function):
 def _mlp_forward(self, x):
     gate, up = self.gate_proj(x), self.up_proj(x)
     product = _SiLUProduct.apply(gate, up)
-    if not torch.is_grad_enabled() or _other_saved_tensor_hooks():
-        return self.down_proj(product)
-    with torch.autograd.graph.saved_tensors_hooks(*_recomputed_from(product, gate, up)):
+    keep = not torch.is_grad_enabled() or _other_saved_tensor_hooks()
+    with contextlib.nullcontext() if keep else torch.autograd.graph.saved_tensors_hooks(*_recomputed_from(product, gate, up)):
         return self.down_proj(product)
 
 
@@ -117,12 +117,12 @@ def _recomputed_from(product, gate, up):
     def pack(tensor):
         if tensor.untyped_storage().data_ptr() != address or tensor.dtype != dtype:
             return tensor
-        return (gate, up, tensor.shape, tensor.stride(), tensor.storage_offset())
+        return (tensor.shape, tensor.stride(), tensor.storage_offset())  # the view; gate and up are the recipe's
 
     def unpack(packed):
         if isinstance(packed, torch.Tensor):
             return packed
-        gate, up, shape, stride, offset = packed
+        shape, stride, offset = packed
         if not made:
             with torch.no_grad():
                 made.append(torch.nn.functional.silu(gate) * up)

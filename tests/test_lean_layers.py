@@ -1,5 +1,8 @@
 """Lean Llama layers compute what the model computes and keep less for the backward pass."""
 
+import contextlib
+import weakref
+
 import pytest
 import torch
 from tiny_runs import bf16_step
@@ -122,9 +125,6 @@ def test_the_down_projection_input_is_recomputed_bit_for_bit(tiny_llama):
 
 @pytest.mark.parametrize("other_hooks", [False, True])
 def test_the_gated_product_is_not_kept_for_the_down_projection(tiny_llama, other_hooks):
-    import contextlib
-    import weakref
-
     model = _llama(tiny_llama, lean=True)
     mlp = model.model.layers[0].mlp
     products = []

@@ -80,6 +80,7 @@ ROWS = ["recipe", "trainer-bf16", "full", "lora", "8bit"]
 # Each ablation is a peftgen mode with one setting changed from its default.
 ABLATIONS = {
     "full, padded batches": ("full", {"packing": False}),
+    "full, batches not padded to 64 tokens": ("full", {"token_multiple": 0}),
     "full, one masked attention per row": ("full", {"attention_per_example": False}),
     "full, PyTorch's flash attention": ("full", {"block_attention": False}),
     "full, attention probs recomputed": ("full", {"keep_attention_probs": False}),
@@ -97,6 +98,7 @@ ABLATIONS = {
     "lora, fp32 frozen weights": ("lora", {"frozen_bf16": False}),
     "lora, fp32 frozen embeddings": ("lora", {"frozen_embeddings_bf16": False}),
     "lora, PEFT's token rows": ("lora", {"fast_token_rows": False}),
+    "lora, batches not padded to 64 tokens": ("lora", {"token_multiple": 0}),
     "lora, transformers' loss": ("lora", {"fused_loss": False}),
     "lora, freed memory unmapped": ("lora", {"reuse_memory": False}),
     "lora, a quarter of layers checkpointed": ("lora", {"gradient_checkpointing": True}),

@@ -38,19 +38,60 @@ class PackedCollator(DataCollatorWithFlattening):
     300 and 500 tokens pack, eight of 128 tokens in a width-576 model pad.
     """
 
-    def __init__(self, pad_token_id: int, width: int | None = None, per_example: bool = False):
+    def __init__(self, pad_token_id: int, width: int | None = None, per_example: bool = False, multiple: int = 0):
         # per_example: attention runs example by example (peftgen.attention), which needs the
         # examples' bounds (cu_seq_lens_q) and never costs more than padding, so every batch packs.
         super().__init__(return_position_ids=True, separator_id=IGNORE_INDEX, return_flash_attn_kwargs=per_example)
-        self.padded = PadCollator(pad_token_id)
+        self.padded = PadCollator(pad_token_id, multiple)
         self.width = None if per_example else width
+        self.multiple = multiple
 
     def __call__(self, features, return_tensors=None, separator_id=None):
         if self.width and not packing_pays(features, self.width):
             return self.padded(features)
         batch = super().__call__(features, return_tensors, separator_id)
         batch["use_cache"] = False
+        if self.multiple:
+            pad_packed(batch, self.multiple, self.padded.pad_token_id)
         return batch
+
+
+def pad_packed(batch: dict, multiple: int, pad_token_id: int) -> dict:
+    """A packed batch (1, N) given, in place, one more example of padding up to a multiple of ``multiple`` tokens.
+
+    Why (``token_multiple``): on a CPU, oneDNN builds (JIT-compiles) a new
+    kernel for every matrix product of a size it has not run yet, and a packed
+    batch's token count is every product's row count, so a batch of a new
+    length paid about 0.2 s of kernel building in a GPT-2 small step of 2.3 s
+    (benchmarks/README.md), and its cache of 1,024 kernels cannot hold the
+    ~40 products of every length a long run meets. Rounded up to a multiple
+    of 64, batches of up to 1,024 tokens have 16 lengths.
+
+    The padding is an example of its own: ``position_ids`` restart at 0, no
+    labels, and its own bounds in ``cu_seq_lens``, so attention keeps it
+    apart as it keeps any two examples apart, and no loss or gradient reaches
+    the others (tests/test_batching.py).
+    """
+    length = batch["input_ids"].shape[1]
+    extra = -length % multiple
+    if not extra:
+        return batch
+
+    def extend(tensor, values):
+        return torch.cat([tensor, values.to(tensor.dtype).reshape(1, extra)], dim=1)
+
+    batch["input_ids"] = extend(batch["input_ids"], torch.full((extra,), pad_token_id))
+    batch["labels"] = extend(batch["labels"], torch.full((extra,), IGNORE_INDEX))
+    batch["position_ids"] = extend(batch["position_ids"], torch.arange(extra))
+    if "seq_idx" in batch:
+        batch["seq_idx"] = extend(batch["seq_idx"], torch.full((extra,), int(batch["seq_idx"].max()) + 1))
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        if key in batch:
+            batch[key] = torch.cat([batch[key], torch.tensor([length + extra], dtype=batch[key].dtype)])
+    for key in ("max_length_q", "max_length_k"):
+        if key in batch:
+            batch[key] = max(batch[key], extra)
+    return batch
 
 
 def packing_pays(features, width: int) -> bool:
@@ -59,9 +100,10 @@ def packing_pays(features, width: int) -> bool:
     return packed * (1 + packed / (6 * width)) < len(lengths) * longest * (1 + longest / (6 * width))
 
 
-def collator(packing: bool, pad_token_id: int, width: int | None = None, per_example: bool = False):
-    """The data collator for Trainer: packed batches (where cheaper, given the model's width), or padded ones."""
-    return PackedCollator(pad_token_id, width, per_example) if packing else PadCollator(pad_token_id)
+def collator(packing: bool, pad_token_id: int, width: int | None = None, per_example: bool = False, multiple: int = 0):
+    """The data collator for Trainer: packed batches (where cheaper, given the model's width), or padded ones;
+    with ``multiple``, each batch's tokens per row a multiple of it."""
+    return PackedCollator(pad_token_id, width, per_example, multiple) if packing else PadCollator(pad_token_id, multiple)
 
 
 @torch.no_grad()

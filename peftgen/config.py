@@ -45,6 +45,7 @@ DEFAULT_LR = {"full": 5e-5, "lora": 2e-4, "8bit": 2e-4}
 # tokenizers, and transformers' set_seed also seeds numpy, whose seeds are
 # 0 .. 2**32 - 1.
 MAX_BATCH = 65536
+MAX_TOKEN_MULTIPLE = 65536  # more padding than any batch needs; larger values only waste work
 MAX_COUNT = 2**31 - 1
 MAX_EPOCHS = 1e6
 SEED_LIMIT = 2**32
@@ -125,6 +126,12 @@ class TrainConfig:
         shown="0.25 for lora, 1 otherwise",
     )
     packing: bool = speed_setting(True, "Padding-free batches: examples end to end in one row, attention kept within each.")
+    token_multiple: Optional[int] = speed_setting(
+        None,
+        "Each batch padded (an ignored example of padding) to a multiple of this many tokens per row, and the loss's label rows too, "
+        "so that CPU matrix kernels built for one batch serve the next; 0: off.",
+        shown="64 on CPUs, 0 on GPUs",
+    )
     attention_per_example: bool = speed_setting(True, "Packed batches: causal attention per example, not one masked (N, N) matrix.")
     block_attention: bool = speed_setting(
         True, "CPU, attention per example: causal attention by batched products in blocks of 128 queries, not PyTorch's flash kernel."
@@ -210,6 +217,14 @@ class TrainConfig:
         """Whether block attention keeps its probabilities for the backward pass (peftgen.causal_attention): in full
         mode, where it was faster; lora and 8bit, where memory is the point, recompute them as the flash kernel does."""
         return self.keep_attention_probs if self.keep_attention_probs is not None else self.mode == "full"
+
+    def token_multiple_on(self, gpu: bool) -> int:
+        """What batches are padded to a multiple of (peftgen.batching.pad_packed): 64 tokens on a CPU, where oneDNN
+        builds kernels for every new product size and a GPT-2 epoch ran faster so (benchmarks/README.md); none on
+        a GPU, whose matrix libraries build nothing per size, so padding would only add work."""
+        if self.token_multiple is not None:
+            return self.token_multiple
+        return 0 if gpu else 64
 
     @property
     def leans_malloc(self) -> bool:
@@ -333,6 +348,10 @@ def _check_speed(config: TrainConfig) -> None:
     if config.checkpoint_layers is not None and not 0 < config.checkpoint_layers <= 1:
         raise PeftgenError(
             f"checkpoint_layers is the share of layers recomputed, in (0, 1], got {config.checkpoint_layers:g}; for none, set gradient_checkpointing: false."
+        )
+    if config.token_multiple is not None and not 0 <= config.token_multiple <= MAX_TOKEN_MULTIPLE:
+        raise PeftgenError(
+            f"token_multiple is a number of tokens from 0 (off) to {MAX_TOKEN_MULTIPLE}, got {config.token_multiple}; 64 suits CPUs, or null for the default."
         )
     if config.attention_dropout is not None and not 0 <= config.attention_dropout < 1:
         raise PeftgenError(f"attention_dropout is a probability in [0, 1), got {config.attention_dropout:g}; or null to keep the model's own.")

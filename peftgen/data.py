@@ -202,9 +202,12 @@ class PadCollator:
     """
 
     pad_token_id: int
+    multiple: int = 0  # rows padded to a multiple of this many tokens (peftgen.batching.pad_packed says why)
 
     def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         width = max(len(item["input_ids"]) for item in batch)
+        if self.multiple:
+            width += -width % self.multiple
         input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)  # (B, T)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
         for row, item in enumerate(batch):

@@ -73,8 +73,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Sum over rows of -log softmax(h W^T)[y], with its gradients made during the forward pass."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, delta, index, labels, compute_dtype, chunk, into_grad=False):
+    def forward(ctx, hidden, weight, delta, index, labels, compute_dtype, chunk, into_grad=False, row_multiple=1):
         # hidden (N, C), weight (V, C), delta (K, C) or None, index (K,) or None, labels (N,)
+        valid = hidden.shape[0]
+        extra = -valid % row_multiple
+        if extra:  # rows of zeros up to the multiple (see linear_cross_entropy): no loss, no gradient
+            hidden = torch.cat([hidden, hidden.new_zeros((extra, hidden.shape[1]))])
+            labels = torch.cat([labels, labels.new_zeros(extra)])
         want_weight = weight.requires_grad
         want_delta = delta is not None and delta.requires_grad
         w = weight.detach().to(compute_dtype)  # (V, C): one cast per step, shared by every chunk
@@ -111,10 +116,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits.sub_(logits.amax(dim=-1, keepdim=True))
             picked = logits.gather(1, y[:, None])  # (n, 1)
             sums = logits.exp_().sum(dim=-1, keepdim=True)  # (n, 1)
-            total -= (picked - sums.log()).sum()
+            live = max(0, min(n, valid - start))  # rows before the padding
+            total -= (picked - sums.log())[:live].sum()
             # d(sum of losses)/d(logits) = softmax - one_hot(y)
             logits.div_(sums)
             logits[torch.arange(n, device=y.device), y] -= 1.0
+            if live < n:
+                logits[live:] = 0
             if low is not logits:
                 low.copy_(logits)
             grad = low  # (n, V) compute dtype
@@ -136,7 +144,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             end = hidden.shape[0]
             filled = end % block or min(block, end)
             grad_weight = _add_weight_grad(grad_weight, pending[:filled], hidden[end - filled : end], compute_dtype)
-        ctx.grads = (grad_hidden, grad_weight, grad_delta)
+        ctx.grads = (grad_hidden[:valid], grad_weight, grad_delta)
         ctx.weight = weight if into_grad and want_weight else None
         ctx.weight_dtype = weight.dtype
         ctx.delta_dtype = delta.dtype if delta is not None else None
@@ -159,7 +167,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_weight = None
         if grad_delta is not None:
             grad_delta = grad_delta.mul_(scale).to(ctx.delta_dtype)
-        return grad_hidden, grad_weight, grad_delta, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_delta, None, None, None, None, None, None
 
 
 def _add_weight_grad(grad_weight, grads, hidden, compute_dtype, rows: int = 8192):
@@ -184,7 +192,7 @@ def _add_weight_grad(grad_weight, grads, hidden, compute_dtype, rows: int = 8192
     return grad_weight
 
 
-def linear_cross_entropy(hidden, weight, labels, *, delta=None, index=None, chunk: int = CHUNK, dtype=None, into_grad: bool = False):
+def linear_cross_entropy(hidden, weight, labels, *, delta=None, index=None, chunk: int = CHUNK, dtype=None, into_grad: bool = False, row_multiple: int = 1):
     """Summed cross-entropy of ``hidden @ weight.T`` (rows ``index`` from ``delta``) against ``labels``.
 
     hidden: (N, C) for the N positions that have a label; labels: (N,).
@@ -193,13 +201,18 @@ def linear_cross_entropy(hidden, weight, labels, *, delta=None, index=None, chun
     into_grad: the weight's gradient is added to ``weight.grad`` by the
     backward pass itself rather than returned to autograd; only for a weight
     that another path of the same graph also reaches (see the module's notes).
+    row_multiple: the rows are padded with zero rows (no loss, no gradient) to a
+    multiple of this, so that the last chunk's products have one of a few sizes,
+    whose CPU kernels oneDNN has built already (peftgen.batching.pad_packed says
+    why); the head's products are the largest of a step, each new size about 50
+    ms of kernel building for GPT-2's 50k vocabulary.
     """
     device = hidden.device.type
     compute_dtype = dtype or (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype)
     if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         compute_dtype = torch.float32
     with torch.autocast(device, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, delta, index, labels, compute_dtype, chunk, into_grad)
+        return _LinearCrossEntropy.apply(hidden, weight, delta, index, labels, compute_dtype, chunk, into_grad, row_multiple)
 
 
 @dataclass
@@ -245,7 +258,7 @@ class FusedHeadLoss:
     hooks), only its last matmul moves here.
     """
 
-    def __init__(self, model, dtype: torch.dtype | None = None):
+    def __init__(self, model, dtype: torch.dtype | None = None, row_multiple: int = 1):
         head = _find_head(model)
         if head is None:
             raise ValueError("this model's output layer cannot be fused with the loss")
@@ -255,6 +268,7 @@ class FusedHeadLoss:
         # loss runs after it, so it would otherwise multiply an fp32 head at
         # fp32 speed (a quarter of bf16's on AVX512-BF16 CPUs).
         self.dtype = dtype
+        self.row_multiple = row_multiple  # label rows padded to a multiple of this (linear_cross_entropy)
 
     @classmethod
     def supports(cls, model) -> bool:
@@ -275,7 +289,9 @@ class FusedHeadLoss:
         keep = targets != IGNORE_INDEX  # (B, T - 1)
         rows = hidden[..., :-1, :][keep]  # (N, C)
         head = self.head
-        total = linear_cross_entropy(rows, head.weight, targets[keep], delta=head.delta, index=head.index, dtype=self.dtype, into_grad=head.into_grad)
+        total = linear_cross_entropy(
+            rows, head.weight, targets[keep], delta=head.delta, index=head.index, dtype=self.dtype, into_grad=head.into_grad, row_multiple=self.row_multiple
+        )
         count = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
         return total / count
 

@@ -164,9 +164,9 @@ class PeftgenTrainer(Trainer):
         return message + f" No checkpoint was saved before it: start again with a lower learning rate, e.g. --lr {lr / 10:g} --overwrite."
 
 
-def speed_settings(config: config_lib.TrainConfig, model, tokenizer, precision: str) -> tuple[bool, bool, FusedHeadLoss | None]:
-    """Whether batches are packed, whether their attention runs per example, and the fused loss if any:
-    what was asked, where this model allows it."""
+def speed_settings(config: config_lib.TrainConfig, model, tokenizer, precision: str, multiple: int = 0) -> tuple[bool, bool, FusedHeadLoss | None]:
+    """Whether batches are packed, whether their attention runs per example, and the fused loss if any
+    (its label rows padded to ``multiple``): what was asked, where this model allows it."""
     per_example = (
         config.packing and config.attention_per_example and attention.use_per_example_attention(model, config.block_attention, config.keeps_attention_probs)
     )
@@ -177,7 +177,8 @@ def speed_settings(config: config_lib.TrainConfig, model, tokenizer, precision: 
     # FSDP and DeepSpeed shard the weights and gather them only inside the
     # model's own forward, where the fused loss, outside it, cannot reach them.
     sharded = any(os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true") for name in ("FSDP", "DEEPSPEED"))
-    loss = FusedHeadLoss(model, precision_lib.autocast_dtype(precision)) if config.fuses_loss and not sharded and FusedHeadLoss.supports(model) else None
+    fuses = config.fuses_loss and not sharded and FusedHeadLoss.supports(model)
+    loss = FusedHeadLoss(model, precision_lib.autocast_dtype(precision), max(multiple, 1)) if fuses else None
     if config.fuses_loss and loss is None:
         why = "FSDP / DeepSpeed shard its weights" if sharded else "this model's output layer is not a plain linear head"
         runs.note(f"{why}: the loss is transformers' own (fused_loss is off).")
@@ -278,14 +279,15 @@ def train(
         "versions": _versions(),
         "malloc_tunables": allocator.active(),  # lean_malloc took effect
     }
-    packing, per_example, loss = speed_settings(config, model, tokenizer, precision)
+    multiple = config.token_multiple_on(gpu=torch.cuda.is_available())
+    packing, per_example, loss = speed_settings(config, model, tokenizer, precision, multiple)
     try:
         trainer = PeftgenTrainer(
             model=model,
             args=training_arguments(config, output, precision, valid_set is not None, progress),
             train_dataset=train_set,
             eval_dataset=valid_set,
-            data_collator=batching.collator(packing, tokenizer.pad_token_id, model_lib.hidden_width(model), per_example),
+            data_collator=batching.collator(packing, tokenizer.pad_token_id, model_lib.hidden_width(model), per_example, multiple),
             compute_loss_func=loss,
             processing_class=tokenizer,
         )

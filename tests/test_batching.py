@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 from peftgen import attention, batching
 from peftgen import config as config_lib
 from peftgen import training as train_lib
+from peftgen.errors import PeftgenError
 
 EXAMPLES = [[50257, 464, 1468, 1110, 50258], [50257, 318, 50258], [50257, 1332, 257, 2068, 3290, 318, 50258]]
 
@@ -101,3 +102,64 @@ def test_each_batch_takes_the_cheaper_layout():
     padded = batching.collator(True, 0, 576)(demo_batch)
     assert packed["input_ids"].shape == (1, 800) and "position_ids" in packed
     assert padded["input_ids"].shape == (8, 128) and "attention_mask" in padded
+
+
+@pytest.mark.parametrize("per_example, blocks", [(False, False), (True, False), (True, True)], ids=["one-mask", "per-example", "block-attention"])
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+def test_padding_to_a_token_multiple_changes_no_loss_and_no_gradient(fixture, per_example, blocks, request):
+    """The padding is an example of its own without labels: every real example keeps its loss, every weight its gradient."""
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(fixture)).eval()  # eval: no dropout masks to differ
+    model.resize_token_embeddings(50260)
+    if per_example:
+        assert attention.use_per_example_attention(model, blocks=blocks)
+    features = [{"input_ids": ids} for ids in EXAMPLES]  # 15 tokens
+    results = {}
+    for multiple in (0, 8, 64):
+        batch = batching.collator(True, 50259, per_example=per_example, multiple=multiple)(features)
+        model.zero_grad()
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        losses = _per_example_losses(logits, batch["labels"])[0]
+        losses.sum().backward()
+        results[multiple] = batch["input_ids"].shape[1], losses[:14].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert [results[m][0] for m in (0, 8, 64)] == [15, 16, 64]
+    for multiple in (8, 64):
+        assert torch.allclose(results[multiple][1], results[0][1], atol=1e-5)
+        for name, grad in results[0][2].items():
+            assert (results[multiple][2][name] - grad).norm() <= 1e-5 * grad.norm() + 1e-6, name  # fp32 sums in another order
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_padded_packed_batch_is_a_multiple_with_one_ignored_example_more(seed):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 200, (int(torch.randint(1, 6, (1,), generator=generator)),), generator=generator).tolist()
+    multiple = int(torch.randint(1, 130, (1,), generator=generator))
+    features = [{"input_ids": list(range(3, 3 + n))} for n in lengths]
+    plain = batching.collator(True, 7, per_example=True)(features)
+    batch = batching.collator(True, 7, per_example=True, multiple=multiple)(features)
+    total, padded = sum(lengths), batch["input_ids"].shape[1]
+    assert padded % multiple == 0 and total <= padded < total + multiple
+    extra = padded - total
+    assert torch.equal(batch["input_ids"][:, :total], plain["input_ids"]) and torch.equal(batch["labels"][:, :total], plain["labels"])
+    assert (batch["input_ids"][0, total:] == 7).all() and (batch["labels"][0, total:] == -100).all()
+    assert batch["position_ids"][0, total:].tolist() == list(range(extra))
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        expected = plain[key].tolist() + ([padded] if extra else [])
+        assert batch[key].tolist() == expected
+    assert batch["max_length_q"] == max(max(lengths), extra)
+
+
+def test_padded_batches_round_their_width_up_to_the_multiple():
+    batch = batching.collator(False, 7, multiple=16)([{"input_ids": [1] * 20}, {"input_ids": [2] * 5}])
+    assert batch["input_ids"].shape == (2, 32)
+    assert batch["attention_mask"].sum(dim=1).tolist() == [20, 5]
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+def test_batches_are_padded_to_64_tokens_on_a_cpu_and_not_on_a_gpu_unless_asked():
+    config = config_lib.resolve(None, {"train_file": "x"})
+    assert (config.token_multiple_on(gpu=False), config.token_multiple_on(gpu=True)) == (64, 0)
+    assert config_lib.resolve(None, {"train_file": "x", "token_multiple": 0}).token_multiple_on(gpu=False) == 0
+    assert config_lib.resolve(None, {"train_file": "x", "token_multiple": 128}).token_multiple_on(gpu=True) == 128
+    for bad in (-1, 10**6):
+        with pytest.raises(PeftgenError, match="token_multiple"):
+            config_lib.resolve(None, {"train_file": "x", "token_multiple": bad}).validate()

@@ -124,3 +124,21 @@ def test_training_hands_the_runs_dtype_to_the_loss(tiny_gpt2):
     config = config_lib.resolve(None, settings)
     assert speed_settings(config, model, tokenizer, "bf16")[2].dtype == torch.bfloat16
     assert speed_settings(config, model, tokenizer, "fp32")[2].dtype is None
+
+
+@pytest.mark.parametrize("n, chunk, multiple", [(300, 128, 64), (256, 128, 64), (5, 128, 64), (300, 7, 64), (130, 64, 512), (1, 4, 3)])
+def test_rows_padded_to_a_multiple_change_no_value_and_no_gradient(n, chunk, multiple):
+    hidden, weight, labels = _problem(n=n)
+    index = torch.tensor([3, 500, 999])
+    delta = torch.randn(3, 32).requires_grad_()
+    results = []
+    for rows in (1, multiple):
+        for tensor in (hidden, weight, delta):
+            tensor.grad = None
+        head = linear_cross_entropy(hidden, weight, labels, chunk=chunk, row_multiple=rows)  # the trained head's path
+        rows_path = linear_cross_entropy(hidden, weight.detach(), labels, delta=delta, index=index, chunk=chunk, row_multiple=rows)  # new-token rows
+        (head + rows_path).backward()
+        results.append((head.detach(), rows_path.detach(), hidden.grad.clone(), weight.grad.clone(), delta.grad.clone()))
+    for plain, padded in zip(*results):
+        assert torch.allclose(padded, plain, rtol=1e-5, atol=1e-5)  # products of other shapes sum in another order
+    assert results[1][2].shape == (n, 32)

@@ -117,5 +117,9 @@ def make_run(tmp_path_factory, text_files):
 
 @pytest.fixture(scope="session")
 def learnt_run(make_run, tiny_gpt2) -> Path:
-    """A full fine-tune of tiny_gpt2 long enough to have learnt its lines: it ends them with <EOS>."""
-    return make_run("full", tiny_gpt2, max_steps=90, lr=2e-2, eval_steps=30, save_steps=90, logging_steps=10)
+    """A full fine-tune of tiny_gpt2 long enough to have learnt its lines: it ends them with <EOS>.
+
+    150 updates bring the validation loss under 1 whatever the seed (42, 1, 2 tried); at 90 it was
+    still about 2, and whether greedy decoding stopped hung on the dropout masks drawn.
+    """
+    return make_run("full", tiny_gpt2, max_steps=150, lr=2e-2, eval_steps=50, save_steps=150, logging_steps=10)

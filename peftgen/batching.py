@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from transformers import DataCollatorWithFlattening
 
-from peftgen.data import IGNORE_INDEX, PadCollator
+from peftgen.data import IGNORE_INDEX, PadCollator, padded_length
 
 
 class PackedCollator(DataCollatorWithFlattening):
@@ -57,7 +57,7 @@ class PackedCollator(DataCollatorWithFlattening):
 
 
 def pad_packed(batch: dict, multiple: int, pad_token_id: int) -> dict:
-    """A packed batch (1, N) given, in place, one more example of padding up to a multiple of ``multiple`` tokens.
+    """A packed batch (1, N) given, in place, one more example of padding up to a multiple of ``multiple`` tokens (of less, for short batches).
 
     Why (``token_multiple``): on a CPU, oneDNN builds (JIT-compiles) a new
     kernel for every matrix product of a size it has not run yet, and a packed
@@ -65,7 +65,9 @@ def pad_packed(batch: dict, multiple: int, pad_token_id: int) -> dict:
     length paid about 0.2 s of kernel building in a GPT-2 small step of 2.3 s
     (benchmarks/README.md), and its cache of 1,024 kernels cannot hold the
     ~40 products of every length a long run meets. Rounded up to a multiple
-    of 64, batches of up to 1,024 tokens have 16 lengths.
+    of 64, batches of 256 to 1,024 tokens have 13 lengths; shorter ones take
+    a smaller multiple, so that padding stays under a quarter of a batch
+    (``peftgen.data.padded_length``).
 
     The padding is an example of its own: ``position_ids`` restart at 0, no
     labels, and its own bounds in ``cu_seq_lens``, so attention keeps it
@@ -73,7 +75,7 @@ def pad_packed(batch: dict, multiple: int, pad_token_id: int) -> dict:
     the others (tests/test_batching.py).
     """
     length = batch["input_ids"].shape[1]
-    extra = -length % multiple
+    extra = padded_length(length, multiple) - length
     if not extra:
         return batch
 

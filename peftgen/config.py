@@ -128,7 +128,7 @@ class TrainConfig:
     packing: bool = speed_setting(True, "Padding-free batches: examples end to end in one row, attention kept within each.")
     token_multiple: Optional[int] = speed_setting(
         None,
-        "Each batch padded (an ignored example of padding) to a multiple of this many tokens per row, and the loss's label rows too, "
+        "Each batch padded (an ignored example of padding) to a multiple of this many tokens per row (less for short batches), and the loss's label rows too, "
         "so that CPU matrix kernels built for one batch serve the next; 0: off.",
         shown="64 on CPUs, 0 on GPUs",
     )

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from peftgen import efficiency
-from peftgen.data import IGNORE_INDEX
+from peftgen.data import IGNORE_INDEX, padded_length
 
 CHUNK = 256  # label positions per pass of head + softmax: 256 x 50k in fp32 is 51 MB
 # Label positions whose softmax gradients are kept (in the compute dtype) before
@@ -76,7 +76,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, delta, index, labels, compute_dtype, chunk, into_grad=False, row_multiple=1):
         # hidden (N, C), weight (V, C), delta (K, C) or None, index (K,) or None, labels (N,)
         valid = hidden.shape[0]
-        extra = -valid % row_multiple
+        extra = padded_length(valid, row_multiple) - valid
         if extra:  # rows of zeros up to the multiple (see linear_cross_entropy): no loss, no gradient
             hidden = torch.cat([hidden, hidden.new_zeros((extra, hidden.shape[1]))])
             labels = torch.cat([labels, labels.new_zeros(extra)])
@@ -202,7 +202,7 @@ def linear_cross_entropy(hidden, weight, labels, *, delta=None, index=None, chun
     backward pass itself rather than returned to autograd; only for a weight
     that another path of the same graph also reaches (see the module's notes).
     row_multiple: the rows are padded with zero rows (no loss, no gradient) to a
-    multiple of this, so that the last chunk's products have one of a few sizes,
+    multiple of this (of less for few rows: peftgen.data.padded_length), so that the last chunk's products have one of a few sizes,
     whose CPU kernels oneDNN has built already (peftgen.batching.pad_packed says
     why); the head's products are the largest of a step, each new size about 50
     ms of kernel building for GPT-2's 50k vocabulary.

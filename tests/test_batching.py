@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 from peftgen import attention, batching
 from peftgen import config as config_lib
 from peftgen import training as train_lib
+from peftgen.data import padded_length
 from peftgen.errors import PeftgenError
 
 EXAMPLES = [[50257, 464, 1468, 1110, 50258], [50257, 318, 50258], [50257, 1332, 257, 2068, 3290, 318, 50258]]
@@ -112,17 +113,17 @@ def test_padding_to_a_token_multiple_changes_no_loss_and_no_gradient(fixture, pe
     model.resize_token_embeddings(50260)
     if per_example:
         assert attention.use_per_example_attention(model, blocks=blocks)
-    features = [{"input_ids": ids} for ids in EXAMPLES]  # 15 tokens
+    features = [{"input_ids": ids} for ids in EXAMPLES * 5]  # 75 tokens
     results = {}
-    for multiple in (0, 8, 64):
+    for multiple in (0, 8, 24):
         batch = batching.collator(True, 50259, per_example=per_example, multiple=multiple)(features)
         model.zero_grad()
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         losses = _per_example_losses(logits, batch["labels"])[0]
         losses.sum().backward()
-        results[multiple] = batch["input_ids"].shape[1], losses[:14].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-    assert [results[m][0] for m in (0, 8, 64)] == [15, 16, 64]
-    for multiple in (8, 64):
+        results[multiple] = batch["input_ids"].shape[1], losses[:74].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert [results[m][0] for m in (0, 8, 24)] == [75, 80, 84]  # 24 is more than a quarter of 75: 12
+    for multiple in (8, 24):
         assert torch.allclose(results[multiple][1], results[0][1], atol=1e-5)
         for name, grad in results[0][2].items():
             assert (results[multiple][2][name] - grad).norm() <= 1e-5 * grad.norm() + 1e-6, name  # fp32 sums in another order
@@ -137,8 +138,11 @@ def test_a_padded_packed_batch_is_a_multiple_with_one_ignored_example_more(seed)
     plain = batching.collator(True, 7, per_example=True)(features)
     batch = batching.collator(True, 7, per_example=True, multiple=multiple)(features)
     total, padded = sum(lengths), batch["input_ids"].shape[1]
-    assert padded % multiple == 0 and total <= padded < total + multiple
     extra = padded - total
+    assert padded == padded_length(total, multiple) and 0 <= extra < multiple
+    assert extra == 0 or 4 * extra < total  # never more than a quarter
+    if total >= 4 * multiple:
+        assert padded % multiple == 0
     assert torch.equal(batch["input_ids"][:, :total], plain["input_ids"]) and torch.equal(batch["labels"][:, :total], plain["labels"])
     assert (batch["input_ids"][0, total:] == 7).all() and (batch["labels"][0, total:] == -100).all()
     assert batch["position_ids"][0, total:].tolist() == list(range(extra))
@@ -149,9 +153,9 @@ def test_a_padded_packed_batch_is_a_multiple_with_one_ignored_example_more(seed)
 
 
 def test_padded_batches_round_their_width_up_to_the_multiple():
-    batch = batching.collator(False, 7, multiple=16)([{"input_ids": [1] * 20}, {"input_ids": [2] * 5}])
-    assert batch["input_ids"].shape == (2, 32)
-    assert batch["attention_mask"].sum(dim=1).tolist() == [20, 5]
+    batch = batching.collator(False, 7, multiple=16)([{"input_ids": [1] * 70}, {"input_ids": [2] * 5}])
+    assert batch["input_ids"].shape == (2, 80)
+    assert batch["attention_mask"].sum(dim=1).tolist() == [70, 5]
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
 
 
@@ -163,3 +167,11 @@ def test_batches_are_padded_to_64_tokens_on_a_cpu_and_not_on_a_gpu_unless_asked(
     for bad in (-1, 10**6):
         with pytest.raises(PeftgenError, match="token_multiple"):
             config_lib.resolve(None, {"train_file": "x", "token_multiple": bad}).validate()
+
+
+@pytest.mark.parametrize(
+    "length, multiple, padded",
+    [(1010, 64, 1024), (1024, 64, 1024), (344, 64, 384), (256, 64, 256), (255, 64, 256), (30, 64, 32), (3, 64, 3), (0, 64, 0), (75, 24, 84), (9, 0, 9)],
+)
+def test_short_batches_take_a_smaller_multiple_so_that_padding_stays_under_a_quarter(length, multiple, padded):
+    assert padded_length(length, multiple) == padded

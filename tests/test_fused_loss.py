@@ -126,7 +126,7 @@ def test_training_hands_the_runs_dtype_to_the_loss(tiny_gpt2):
     assert speed_settings(config, model, tokenizer, "fp32")[2].dtype is None
 
 
-@pytest.mark.parametrize("n, chunk, multiple", [(300, 128, 64), (256, 128, 64), (5, 128, 64), (300, 7, 64), (130, 64, 512), (1, 4, 3)])
+@pytest.mark.parametrize("n, chunk, multiple", [(300, 128, 64), (256, 128, 64), (5, 128, 64), (300, 7, 64), (130, 8, 512), (1, 4, 3)])
 def test_rows_padded_to_a_multiple_change_no_value_and_no_gradient(n, chunk, multiple):
     hidden, weight, labels = _problem(n=n)
     index = torch.tensor([3, 500, 999])

@@ -44,19 +44,17 @@ class PackedCollator(DataCollatorWithFlattening):
         super().__init__(return_position_ids=True, separator_id=IGNORE_INDEX, return_flash_attn_kwargs=per_example)
         self.padded = PadCollator(pad_token_id, multiple)
         self.width = None if per_example else width
-        self.multiple = multiple
 
     def __call__(self, features, return_tensors=None, separator_id=None):
         if self.width and not packing_pays(features, self.width):
             return self.padded(features)
         batch = super().__call__(features, return_tensors, separator_id)
         batch["use_cache"] = False
-        if self.multiple:
-            pad_packed(batch, self.multiple, self.padded.pad_token_id)
+        pad_packed(batch, self.padded.multiple, self.padded.pad_token_id)
         return batch
 
 
-def pad_packed(batch: dict, multiple: int, pad_token_id: int) -> dict:
+def pad_packed(batch: dict, multiple: int, pad_token_id: int) -> None:
     """A packed batch (1, N) given, in place, one more example of padding up to a multiple of ``multiple`` tokens (of less, for short batches).
 
     Why (``token_multiple``): on a CPU, oneDNN builds (JIT-compiles) a new
@@ -77,7 +75,7 @@ def pad_packed(batch: dict, multiple: int, pad_token_id: int) -> dict:
     length = batch["input_ids"].shape[1]
     extra = padded_length(length, multiple) - length
     if not extra:
-        return batch
+        return
 
     def extend(tensor, values):
         return torch.cat([tensor, values.to(tensor.dtype).reshape(1, extra)], dim=1)
@@ -93,7 +91,6 @@ def pad_packed(batch: dict, multiple: int, pad_token_id: int) -> dict:
     for key in ("max_length_q", "max_length_k"):
         if key in batch:
             batch[key] = max(batch[key], extra)
-    return batch
 
 
 def packing_pays(features, width: int) -> bool:

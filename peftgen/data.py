@@ -36,7 +36,7 @@ IGNORE_INDEX = -100  # label value that cross-entropy skips
 def padded_length(length: int, multiple: int) -> int:
     """``length`` rounded up to a multiple of ``multiple`` (token_multiple; peftgen.batching.pad_packed says why),
     the multiple halved while it is more than a quarter of ``length``: short batches stay short (a
-    30-token batch grows to 32, not 64), and batches of 256 tokens or more take the whole multiple."""
+    30-token batch grows to 32, not 64), and batches of 256 tokens or more take the whole multiple; 0 leaves it."""
     step = max(multiple, 1)
     while step > 1 and 4 * step > length:
         step //= 2
@@ -218,8 +218,7 @@ class PadCollator:
 
     def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         width = max(len(item["input_ids"]) for item in batch)
-        if self.multiple:
-            width = padded_length(width, self.multiple)
+        width = padded_length(width, self.multiple)
         input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)  # (B, T)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
         for row, item in enumerate(batch):

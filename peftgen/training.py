@@ -178,7 +178,7 @@ def speed_settings(config: config_lib.TrainConfig, model, tokenizer, precision: 
     # model's own forward, where the fused loss, outside it, cannot reach them.
     sharded = any(os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true") for name in ("FSDP", "DEEPSPEED"))
     fuses = config.fuses_loss and not sharded and FusedHeadLoss.supports(model)
-    loss = FusedHeadLoss(model, precision_lib.autocast_dtype(precision), max(multiple, 1)) if fuses else None
+    loss = FusedHeadLoss(model, precision_lib.autocast_dtype(precision), multiple) if fuses else None
     if config.fuses_loss and loss is None:
         why = "FSDP / DeepSpeed shard its weights" if sharded else "this model's output layer is not a plain linear head"
         runs.note(f"{why}: the loss is transformers' own (fused_loss is off).")

@@ -8,7 +8,10 @@ Models are built from configs with random weights (GPT-2 small: 12 layers,
 width 768; SmolLM2-135M's Llama shape: 30 layers, width 576) and the GPT-2
 tokenizer plus <BOS>/<EOS>/<PAD>: nothing is downloaded. The data are the
 shipped book-summary sample cut by ``peftgen prepare`` into pieces of at most
-512 tokens: 24 training pieces, 8 validation pieces.
+512 tokens: 24 training pieces, 8 validation pieces. ``--piece-tokens 128
+--pieces 96`` cuts them shorter and takes more, for data of short lines
+(batches of at most 256 tokens, 48 steps); the memory rows keep their
+512-token examples.
 
 Every row runs in a fresh process, so its peak memory is its own:
 
@@ -135,20 +138,23 @@ def build_model(shape: str, folder: Path) -> Path:
     return folder
 
 
-def build_data(folder: Path, n_train: int, n_valid: int) -> dict[str, Path]:
-    """Speed files (pieces of at most 512 tokens) and a memory file (every example exactly 512 tokens)."""
+def build_data(folder: Path, n_train: int, n_valid: int, piece_tokens: int = 512) -> dict[str, Path]:
+    """Speed files (pieces of at most ``piece_tokens`` tokens) and a memory file (every example exactly 512 tokens)."""
     from peftgen import preparation as prepare_lib
 
-    prepared = folder / "prepared"
+    prepared = folder / f"prepared-{piece_tokens}"
     if not (prepared / "train.txt").is_file():
-        prepare_lib.prepare(SAMPLE, prepared, tokenizer=str(TOKENIZER), max_tokens=512, overwrite=True)
+        prepare_lib.prepare(SAMPLE, prepared, tokenizer=str(TOKENIZER), max_tokens=piece_tokens, overwrite=True)
     train = (prepared / "train.txt").read_text(encoding="utf-8").splitlines()
     valid = (prepared / "valid.txt").read_text(encoding="utf-8").splitlines()
     files = {"train": folder / "train.txt", "valid": folder / "valid.txt", "long": folder / "long.txt"}
     files["train"].write_text("\n".join(train[:n_train]) + "\n", encoding="utf-8")
     files["valid"].write_text("\n".join(valid[:n_valid]) + "\n", encoding="utf-8")
-    # Three pieces side by side make a line of well over 512 tokens, cut to 512 exactly.
-    long_lines = [" ".join(line.replace("<BOS>", "").replace("<EOS>", "") for line in train[i : i + 3]) for i in range(0, 18, 3)]
+    # Pieces side by side make a line of well over 512 tokens, cut to 512 exactly.
+    side_by_side = -(-1536 // piece_tokens)
+    long_lines = [
+        " ".join(line.replace("<BOS>", "").replace("<EOS>", "") for line in train[i : i + side_by_side]) for i in range(0, 6 * side_by_side, side_by_side)
+    ]
     files["long"].write_text("\n".join(long_lines) + "\n", encoding="utf-8")
     return files
 
@@ -469,6 +475,8 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the 512-token memory rows")
     parser.add_argument("--epochs", type=int, default=1, help="whole epochs of each speed run (default 1; a GPU needs more to time)")
     parser.add_argument("--repeats", type=int, default=1, help="speed runs per row, in rounds of every row; the median is shown, all rates after it")
+    parser.add_argument("--pieces", type=int, default=24, help="training pieces of the speed runs (default 24: 12 steps of batch 2)")
+    parser.add_argument("--piece-tokens", type=int, default=512, help="the most tokens of a training piece, 64 to 512 (default 512)")
     parser.add_argument("--quick", action="store_true", help="tiny model, 6 training pieces: a smoke test of this script")
     parser.add_argument("--work", default=None, help="folder for models, data and runs (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
@@ -496,13 +504,15 @@ def main() -> None:
 def benchmark(args, parser, work: Path) -> None:
     shapes = ["tiny"] if args.quick else args.shapes.split(",")
     rows = [(row, row, {}) for row in args.rows.split(",")]
-    if args.epochs < 1 or args.repeats < 1:
-        parser.error(f"--epochs and --repeats take a whole number of at least 1, got {args.epochs} and {args.repeats}")
+    if min(args.epochs, args.repeats, args.pieces) < 1:
+        parser.error(f"--epochs, --repeats and --pieces take a whole number of at least 1, got {args.epochs}, {args.repeats} and {args.pieces}")
+    if not 64 <= args.piece_tokens <= 512:
+        parser.error(f"--piece-tokens takes 64 to 512 (the memory rows' examples are 512 tokens), got {args.piece_tokens}")
     unknown = [name for name in args.ablation if name not in ABLATIONS]
     if unknown:
         parser.error(f"unknown ablation {unknown[0]!r}; the ablations are: {', '.join(ABLATIONS)}")
     rows += [(name, mode, overrides) for name, (mode, overrides) in ABLATIONS.items() if args.ablations or name in args.ablation]
-    files = build_data(work, 6 if args.quick else 24, 4 if args.quick else 8)
+    files = build_data(work, 6 if args.quick else args.pieces, 4 if args.quick else 8, args.piece_tokens)
     print(f"machine: {machine()}")
     if args.profile:
         if "GPU" in machine():
@@ -516,7 +526,9 @@ def benchmark(args, parser, work: Path) -> None:
         model_dir = build_model(shape, work / f"model-{shape}")
         parameters = parameter_count(model_dir)
         bound = matmul_rates.bound_tokens_per_second(parameters, rates["bfloat16"])
-        print(f"\n{SHAPES[shape][0]}: batch {BATCH}, {args.epochs:g} epoch(s); memory: 3 steps of {BATCH} x 512 tokens")
+        print(
+            f"\n{SHAPES[shape][0]}: batch {BATCH}, pieces of up to {args.piece_tokens} tokens, {args.epochs:g} epoch(s); memory: 3 steps of {BATCH} x 512 tokens"
+        )
         print(f"full fine-tuning's 6 FLOPs per parameter per token ({parameters / 1e6:.0f}M parameters) at the bf16 rate: at most {bound:.0f} tokens/s")
         print(f"{'row':34} {'label tok/s':>11} {'vs recipe':>9} {'saving':>6} {'train loss':>10} {'valid loss':>10} {'peak GB':>8} {'vs full':>7}  all runs")
         table = {}

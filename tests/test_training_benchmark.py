@@ -126,3 +126,33 @@ def test_every_ablation_changes_what_its_mode_runs(monkeypatch):
         ablated = config_lib.apply(default, overrides, name)
         changed = {key for key, value in effective(ablated).items() if effective(default)[key] != value}
         assert changed, f"{name!r} runs {mode}'s defaults"
+
+
+def test_shorter_pieces_give_more_steps_and_the_memory_file_stays_at_512_tokens(tmp_path, monkeypatch):
+    # --piece-tokens 128 --pieces 96: the speed data are pieces of at most 128
+    # tokens, and the memory rows still get lines cut to 2 x 512 tokens.
+    from transformers import AutoTokenizer
+
+    from peftgen.preparation import TokenCounter
+
+    speed = _script(SCRIPT, monkeypatch)
+    count = TokenCounter(AutoTokenizer.from_pretrained(str(speed.TOKENIZER))).example  # as peftgen train builds an example
+
+    def tokens(line):
+        return count(line.removeprefix("<BOS> ").removesuffix(" <EOS>"))
+
+    for piece_tokens, pieces in [(128, 96), (512, 24)]:
+        files = speed.build_data(tmp_path / str(piece_tokens), pieces, 8, piece_tokens)
+        train = files["train"].read_text(encoding="utf-8").splitlines()
+        assert len(train) == pieces
+        lengths = [tokens(line) for line in train]
+        assert max(lengths) <= piece_tokens and max(lengths) > piece_tokens // 2, lengths
+        long_lines = files["long"].read_text(encoding="utf-8").splitlines()
+        assert len(long_lines) == 6 and all(tokens(line) > 512 for line in long_lines)
+
+
+def test_piece_options_are_refused_outside_their_range():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for args, says in [(["--pieces", "0"], "--pieces"), (["--piece-tokens", "32"], "--piece-tokens takes 64 to 512")]:
+        done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 2 and says in done.stderr, (args, done.stderr[-500:])

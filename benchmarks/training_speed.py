@@ -526,9 +526,8 @@ def benchmark(args, parser, work: Path) -> None:
         model_dir = build_model(shape, work / f"model-{shape}")
         parameters = parameter_count(model_dir)
         bound = matmul_rates.bound_tokens_per_second(parameters, rates["bfloat16"])
-        print(
-            f"\n{SHAPES[shape][0]}: batch {BATCH}, pieces of up to {args.piece_tokens} tokens, {args.epochs:g} epoch(s); memory: 3 steps of {BATCH} x 512 tokens"
-        )
+        pieces = f"pieces of up to {args.piece_tokens} tokens"
+        print(f"\n{SHAPES[shape][0]}: batch {BATCH}, {pieces}, {args.epochs:g} epoch(s); memory: 3 steps of {BATCH} x 512 tokens")
         print(f"full fine-tuning's 6 FLOPs per parameter per token ({parameters / 1e6:.0f}M parameters) at the bf16 rate: at most {bound:.0f} tokens/s")
         print(f"{'row':34} {'label tok/s':>11} {'vs recipe':>9} {'saving':>6} {'train loss':>10} {'valid loss':>10} {'peak GB':>8} {'vs full':>7}  all runs")
         table = {}

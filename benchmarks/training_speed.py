@@ -92,6 +92,7 @@ ABLATIONS = {
     "full, weights cast again for the backward": ("full", {"recast_weights": True}),
     "full, the model's own Llama layers": ("full", {"lean_layers": False}),
     "full, malloc's tcache and fast bins off": ("full", {"lean_malloc": True}),
+    "full, lean malloc and weights cast again": ("full", {"lean_malloc": True, "recast_weights": True}),
     "full, a quarter of layers checkpointed": ("full", {"gradient_checkpointing": True, "checkpoint_layers": 0.25}),
     "full, model's attention dropout": ("full", {"attention_dropout": None}),
     "full, adamw_torch (not fused)": ("full", {"optim": "adamw_torch"}),

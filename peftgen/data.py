@@ -32,17 +32,6 @@ from peftgen.errors import PeftgenError
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips
 
-
-def padded_length(length: int, multiple: int) -> int:
-    """``length`` rounded up to a multiple of ``multiple`` (token_multiple; peftgen.batching.pad_packed says why),
-    the multiple halved while it is more than a quarter of ``length``: short batches stay short (a
-    30-token batch grows to 32, not 64), and batches of 256 tokens or more take the whole multiple; 0 leaves it."""
-    step = max(multiple, 1)
-    while step > 1 and 4 * step > length:
-        step //= 2
-    return length + -length % step
-
-
 MAX_LISTED = 20  # line numbers named in a warning
 NEWLINE = b"\n"
 
@@ -56,6 +45,16 @@ MAGIC = {
     b"\xff\xfe": "UTF-16 text",
     b"\xfe\xff": "UTF-16 text",
 }
+
+
+def padded_length(length: int, multiple: int) -> int:
+    """``length`` rounded up to a multiple of ``multiple`` (token_multiple; peftgen.batching.pad_packed says why),
+    the multiple halved while it is more than a quarter of ``length``: short batches stay short (a
+    30-token batch grows to 32, not 64), and batches of 256 tokens or more take the whole multiple; 0 leaves it."""
+    step = max(multiple, 1)
+    while step > 1 and 4 * step > length:
+        step //= 2
+    return length + -length % step
 
 
 def not_text_reason(head: bytes) -> str | None:

@@ -73,7 +73,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Sum over rows of -log softmax(h W^T)[y], with its gradients made during the forward pass."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, delta, index, labels, compute_dtype, chunk, into_grad=False, row_multiple=1):
+    def forward(ctx, hidden, weight, delta, index, labels, compute_dtype, chunk, into_grad=False, row_multiple=0):
         # hidden (N, C), weight (V, C), delta (K, C) or None, index (K,) or None, labels (N,)
         valid = hidden.shape[0]
         extra = padded_length(valid, row_multiple) - valid
@@ -192,7 +192,7 @@ def _add_weight_grad(grad_weight, grads, hidden, compute_dtype, rows: int = 8192
     return grad_weight
 
 
-def linear_cross_entropy(hidden, weight, labels, *, delta=None, index=None, chunk: int = CHUNK, dtype=None, into_grad: bool = False, row_multiple: int = 1):
+def linear_cross_entropy(hidden, weight, labels, *, delta=None, index=None, chunk: int = CHUNK, dtype=None, into_grad: bool = False, row_multiple: int = 0):
     """Summed cross-entropy of ``hidden @ weight.T`` (rows ``index`` from ``delta``) against ``labels``.
 
     hidden: (N, C) for the N positions that have a label; labels: (N,).
@@ -202,7 +202,8 @@ def linear_cross_entropy(hidden, weight, labels, *, delta=None, index=None, chun
     backward pass itself rather than returned to autograd; only for a weight
     that another path of the same graph also reaches (see the module's notes).
     row_multiple: the rows are padded with zero rows (no loss, no gradient) to a
-    multiple of this (of less for few rows: peftgen.data.padded_length), so that the last chunk's products have one of a few sizes,
+    multiple of this (of less for few rows: peftgen.data.padded_length; 0, the
+    default, pads none, as the collators' multiple does), so that the last chunk's products have one of a few sizes,
     whose CPU kernels oneDNN has built already (peftgen.batching.pad_packed says
     why); the head's products are the largest of a step, each new size about 50
     ms of kernel building for GPT-2's 50k vocabulary.
@@ -258,7 +259,7 @@ class FusedHeadLoss:
     hooks), only its last matmul moves here.
     """
 
-    def __init__(self, model, dtype: torch.dtype | None = None, row_multiple: int = 1):
+    def __init__(self, model, dtype: torch.dtype | None = None, row_multiple: int = 0):
         head = _find_head(model)
         if head is None:
             raise ValueError("this model's output layer cannot be fused with the loss")

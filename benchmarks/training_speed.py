@@ -31,6 +31,9 @@ Every row runs in a fresh process, so its peak memory is its own:
 ``--repeats N`` runs every row N times, in rounds of every row in turn, so
 that the machine's drift over the run falls on all rows alike; each round's
 rates are printed, the median run is shown, and every run's rate after it.
+The targets' speed ratios are also given within each round (two rows of one
+round ran minutes apart) with their median: on a machine whose speed moves
+by a fifth within the hour, those ratios move less than the rows' rates do.
 
 On a GPU a 12-step epoch is over in a second or two, mostly start-up, so
 pass e.g. ``--epochs 10`` there; every row runs the same epochs.
@@ -50,6 +53,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -350,7 +354,6 @@ def profile_step(model_dir: Path, files: dict, repeats: int = 3) -> None:
     loss (output layer + cross-entropy, forward and backward), backward of
     the layers, optimizer step. Batch: the first two training pieces.
     """
-    import statistics
 
     import torch
     import torch.nn.functional as F
@@ -550,6 +553,8 @@ def benchmark(args, parser, work: Path) -> None:
             results.append(entry)
             print(format_row(name, entry, table), flush=True)
         print(summary(table))
+        if args.repeats > 1:
+            print(round_by_round(speeds))
         print(against_the_bound(table, bound))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "products_tflops": rates, "results": results}, indent=2), encoding="utf-8")
@@ -624,6 +629,27 @@ def summary(table: dict) -> str:
         if peak(row) and peak("full"):
             parts.append(f"{row}'s memory {peak(row) / peak('full'):.0%} of full's ({target})")
     return "against the targets: " + "; ".join(parts) if parts else ""
+
+
+RATIOS = (("full", "recipe", "3x"), ("lora", "full", "1.4x"), ("8bit", "recipe", "1x"))  # the targets' speed ratios
+
+
+def round_by_round(speeds: dict[str, list[dict]]) -> str:
+    """The targets' speed ratios within each round, and their medians.
+
+    The rows of one round run minutes apart, the rounds further apart; on a
+    machine whose speed drifts, each round's own ratio (both rows timed close
+    together) shows that drift, which the ratio of the two rows' medians can
+    hide. A round where either row failed is left out.
+    """
+    parts = []
+    for row, anchor, target in RATIOS:
+        pairs = zip(speeds.get(row, []), speeds.get(anchor, []))
+        ratios = [rate_of(a) / rate_of(b) for a, b in pairs if "error" not in a and "error" not in b]
+        if ratios:
+            each = " ".join(f"{r:.2f}x" for r in ratios)
+            parts.append(f"{row} over {anchor} {each} (median {statistics.median(ratios):.2f}x; target {target})")
+    return "within each round: " + "; ".join(parts) if parts else ""
 
 
 def format_row(name: str, entry: dict, table: dict) -> str:

@@ -38,6 +38,7 @@ def test_quick_benchmark_prints_a_ratio_for_each_row(tmp_path):
     assert [line.split(":")[0] for line in done.stdout.splitlines() if line.startswith("round ")] == ["round 1 of 2", "round 2 of 2"]
     assert all(re.search(r"recipe \d+, full \d+$", line) for line in done.stdout.splitlines() if line.startswith("round "))
     assert re.search(r"\d+/\d+$", rows["full"]), rows["full"]
+    assert re.search(r"^within each round: full over recipe [\d.]+x [\d.]+x \(median [\d.]+x; target 3x\)$", done.stdout, re.M), done.stdout
     recorded = json.loads(results.read_text())
     # the products' rates measured at the start, not overwritten by the rounds' report (a second shape reads them)
     assert set(recorded["products_tflops"]) == {"bfloat16", "float32"}
@@ -156,3 +157,23 @@ def test_piece_options_are_refused_outside_their_range():
     for args, says in [(["--pieces", "0"], "--pieces"), (["--piece-tokens", "32"], "--piece-tokens takes 64 to 512")]:
         done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=120)
         assert done.returncode == 2 and says in done.stderr, (args, done.stderr[-500:])
+
+
+def test_round_by_round_gives_each_rounds_own_ratio_and_their_median(monkeypatch):
+    bench = _script(SCRIPT, monkeypatch)
+
+    def run(tokens_per_second):
+        return {"label_tokens": 1000, "loop": 1000 / tokens_per_second}
+
+    # The machine runs slower in round 2: both rows slow together, so each round's ratio holds.
+    speeds = {
+        "recipe": [run(100), run(50), run(100)],
+        "full": [run(300), run(160), run(310)],
+        "lora": [run(420), run(240), {"error": "killed"}],
+    }
+    line = bench.round_by_round(speeds)
+    assert "full over recipe 3.00x 3.20x 3.10x (median 3.10x; target 3x)" in line
+    # the failed round of lora is left out, not counted as a zero
+    assert "lora over full 1.40x 1.50x (median 1.45x; target 1.4x)" in line
+    assert "8bit" not in line  # a row that did not run has no ratio
+    assert bench.round_by_round({"recipe": [run(100)]}) == ""

@@ -32,8 +32,8 @@ Every row runs in a fresh process, so its peak memory is its own:
 that the machine's drift over the run falls on all rows alike; each round's
 rates are printed, the median run is shown, and every run's rate after it.
 The targets' speed ratios are also given within each round (two rows of one
-round ran minutes apart) with their median: on a machine whose speed moves
-by a fifth within the hour, those ratios move less than the rows' rates do.
+round ran minutes apart) with their median: they show how far each ratio
+itself moves from round to round, which one ratio of two medians hides.
 
 On a GPU a 12-step epoch is over in a second or two, mostly start-up, so
 pass e.g. ``--epochs 10`` there; every row runs the same epochs.
@@ -354,7 +354,6 @@ def profile_step(model_dir: Path, files: dict, repeats: int = 3) -> None:
     loss (output layer + cross-entropy, forward and backward), backward of
     the layers, optimizer step. Batch: the first two training pieces.
     """
-
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -637,10 +636,10 @@ RATIOS = (("full", "recipe", "3x"), ("lora", "full", "1.4x"), ("8bit", "recipe",
 def round_by_round(speeds: dict[str, list[dict]]) -> str:
     """The targets' speed ratios within each round, and their medians.
 
-    The rows of one round run minutes apart, the rounds further apart; on a
-    machine whose speed drifts, each round's own ratio (both rows timed close
-    together) shows that drift, which the ratio of the two rows' medians can
-    hide. A round where either row failed is left out.
+    The rows of one round run minutes apart, the rounds further apart; each
+    round's own ratio shows how far the ratio moves from round to round,
+    which the ratio of the two rows' medians hides. A round where either row
+    failed is left out.
     """
     parts = []
     for row, anchor, target in RATIOS:

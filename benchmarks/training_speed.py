@@ -606,6 +606,9 @@ def median_run(runs: list[dict]) -> dict:
     return middle
 
 
+RATIOS = (("full", "recipe", "3x"), ("lora", "full", "1.4x"), ("8bit", "recipe", "1x"))  # the targets' speed ratios
+
+
 def summary(table: dict) -> str:
     """The table against the issue's targets, as ratios within this one run."""
 
@@ -616,21 +619,16 @@ def summary(table: dict) -> str:
         return peak_of(table.get(row, {}).get("memory"))
 
     parts = []
-    if rate("full") and rate("recipe"):
-        parts.append(f"full {rate('full') / rate('recipe'):.2f}x the recipe (target 3x)")
-    if rate("lora") and rate("full"):
-        parts.append(f"lora {rate('lora') / rate('full'):.2f}x full (1.4x)")
-    if rate("8bit") and rate("recipe"):
-        parts.append(f"8bit {rate('8bit') / rate('recipe'):.2f}x the recipe (1x)")
+    for index, (row, anchor, target) in enumerate(RATIOS):
+        if rate(row) and rate(anchor):
+            against = "the recipe" if anchor == "recipe" else anchor
+            parts.append(f"{row} {rate(row) / rate(anchor):.2f}x {against} ({'target ' if index == 0 else ''}{target})")
     if peak("full") and peak("trainer-bf16"):
         parts.append(f"full's memory {peak('full') / peak('trainer-bf16'):.0%} of trainer-bf16's (80%)")
     for row, target in (("lora", "50%"), ("8bit", "35%")):
         if peak(row) and peak("full"):
             parts.append(f"{row}'s memory {peak(row) / peak('full'):.0%} of full's ({target})")
     return "against the targets: " + "; ".join(parts) if parts else ""
-
-
-RATIOS = (("full", "recipe", "3x"), ("lora", "full", "1.4x"), ("8bit", "recipe", "1x"))  # the targets' speed ratios
 
 
 def round_by_round(speeds: dict[str, list[dict]]) -> str:
